@@ -1,0 +1,57 @@
+"""Device runtime: verify patch files, compose them with an unchanged base, run with onnxruntime.
+
+Imports only numpy, onnx, onnxruntime and the standard library, so ``pip install prune-edge`` is
+enough on a device. The patch-file format lives here, once; the server side imports it.
+"""
+
+from .base import BaseGraph
+from .errors import (
+    BaseModelError,
+    CertificateError,
+    DatasetError,
+    IncompatibleBaseError,
+    InputError,
+    IntegrityError,
+    PatchFormatError,
+    PatchVerificationError,
+    PruneEdgeError,
+    RequestError,
+    StructureError,
+)
+from .manifest import FORMAT_VERSION, GatedTensor, Manifest, Record
+from .model import PatchedModel, make_session
+from .patchfile import GRAPH_NAME, MANIFEST_NAME, PATCH_SUFFIX, PatchFile, pack, read_patch_file, unpack
+from .verify import CHECKS, PatchReport, VerifiedPatch, certify_patch, verify_patch
+
+__all__ = [
+    "BaseGraph",
+    "BaseModelError",
+    "CHECKS",
+    "CertificateError",
+    "DatasetError",
+    "FORMAT_VERSION",
+    "GRAPH_NAME",
+    "GatedTensor",
+    "IncompatibleBaseError",
+    "InputError",
+    "IntegrityError",
+    "MANIFEST_NAME",
+    "Manifest",
+    "PATCH_SUFFIX",
+    "PatchFile",
+    "PatchFormatError",
+    "PatchReport",
+    "PatchVerificationError",
+    "PatchedModel",
+    "PruneEdgeError",
+    "Record",
+    "RequestError",
+    "StructureError",
+    "VerifiedPatch",
+    "certify_patch",
+    "make_session",
+    "pack",
+    "read_patch_file",
+    "unpack",
+    "verify_patch",
+]

@@ -1,0 +1,115 @@
+"""Package synthesised records as a patch file: canonical graph + manifest, written atomically.
+
+The format (container, manifest schema, canonical graph) is defined once in ``prune_edge.runtime``;
+this module only fills it in, so whatever the server writes is exactly what a device checks.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
+from ..runtime.manifest import GatedTensor, Manifest, Record
+from ..runtime.patchfile import pack
+from ..runtime.patchgraph import PatchParams, build_patch_graph
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """What a patch pins about its base: digest, opset/IR and the tensors it reads."""
+
+    sha256: str
+    opset: int
+    ir_version: int
+    logits_name: str
+    n_classes: int
+    gated: tuple[GatedTensor, ...]
+
+
+@dataclass(frozen=True)
+class RecordCert:
+    """Certificate data of one record (what the manifest stores besides the graph tensors)."""
+
+    target: int
+    gamma: float
+    alpha: Sequence[float]
+    beta: Sequence[float]
+    mean_scale: float
+    mean_shift: float
+    lower: Sequence[float] | None
+    upper: Sequence[float] | None
+    points: int
+
+
+def _created() -> str:
+    # SOURCE_DATE_EPOCH pins the timestamp for reproducible files.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def commit_ids(ids: Sequence[int], salt: bytes) -> list[str]:
+    """Salted commitments to the forgotten ids, sorted so the order leaks nothing. The salt stays on
+    the server (see :func:`build_patch`), so a device cannot test guesses of small integer ids."""
+    return sorted(hashlib.sha256(salt + str(int(i)).encode()).hexdigest() for i in ids)
+
+
+def build_patch(
+    base: BaseRef,
+    params: PatchParams,
+    certs: Sequence[RecordCert],
+    mode: str,
+    q_lower: float,
+    q_upper: float,
+    request: dict[str, Any],
+) -> tuple[Manifest, bytes]:
+    """Return (manifest, patch-file bytes) for these records. Deterministic apart from ``created``."""
+    digest = hashlib.sha256()
+    digest.update(base.sha256.encode())
+    for arr in (params.signs, params.gamma, params.T, params.t):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    digest.update(mode.encode())
+    digest.update(repr(sorted(request.get("id_commitments", []))).encode())
+    patch_id = digest.hexdigest()[:32]
+    records = tuple(
+        Record(
+            target=int(c.target),
+            gamma=float(np.float32(c.gamma)),
+            alpha=tuple(float(v) for v in c.alpha),
+            beta=tuple(float(v) for v in c.beta),
+            mean_scale=float(c.mean_scale),
+            mean_shift=float(c.mean_shift),
+            lower=None if c.lower is None else tuple(float(v) for v in c.lower),
+            upper=None if c.upper is None else tuple(float(v) for v in c.upper),
+            points=int(c.points),
+        )
+        for c in certs
+    )
+    draft = Manifest(
+        patch_id=patch_id, created=_created(), mode=mode, base_sha256=base.sha256, base_opset=base.opset,
+        base_ir_version=base.ir_version, logits_name=base.logits_name, n_classes=base.n_classes,
+        gated=tuple(base.gated), graph_sha256="0" * 64, graph_bytes=0, q_lower=float(q_lower),
+        q_upper=float(q_upper), records=records, request=dict(request),
+    )
+    graph = build_patch_graph(draft.prefix, draft.gated, draft.logits_name, params, base.opset, base.ir_version)
+    graph_bytes = graph.SerializeToString()
+    manifest = Manifest(**{**draft.__dict__, "graph_sha256": sha256_bytes(graph_bytes), "graph_bytes": len(graph_bytes)})
+    # Round-trip through the strict reader: the server never writes what a device would refuse.
+    Manifest.from_json(manifest.to_json())
+    return manifest, pack(manifest, graph_bytes)
+
+
+def write_patch(path: PathLike, data: bytes) -> None:
+    """Atomic write (temp file + rename): a failed build never leaves a partial patch."""
+    atomic_write_bytes(path, data)
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(16)

@@ -1,0 +1,167 @@
+"""A base-model folder: ``base.onnx`` + ``weights.pt`` + ``card.json``, written and read as one unit.
+
+The folder is written into a temp sibling and renamed into place, so a crash or a refused input never
+leaves a half-written base behind. ``card.json`` pins base.onnx by sha256 and records the recipe, so
+the base can be retrained exactly (with or without a forget set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from . import __version__
+from .data import NAMED_DATASETS, Dataset, load_dataset
+from .exporters.onnx_base import export_base
+from .models.nets import PreactNet, build_model
+from .runtime.errors import BaseModelError
+from .runtime.fileio import PathLike, sha256_file
+from .runtime.model import PatchedModel
+from .train import TrainConfig, fit
+
+CARD_NAME = "card.json"
+ONNX_NAME = "base.onnx"
+WEIGHTS_NAME = "weights.pt"
+CARD_FORMAT = "prune-edge-base/1"
+
+
+@dataclass
+class BaseBundle:
+    """A loaded base folder: card, torch model (CPU, eval), ONNX path and the dataset it was trained on."""
+
+    path: Path
+    card: dict[str, Any]
+    net: PreactNet
+    dataset: Dataset
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_NAME
+
+    @property
+    def train_config(self) -> TrainConfig:
+        t = self.card["training"]
+        return TrainConfig(
+            arch=self.card["arch"], seed=t["seed"], epochs=t["epochs"], batch_size=t["batch_size"],
+            lr=t["lr"], weight_decay=t["weight_decay"], model_config=self.card["config"],
+        )
+
+
+def _source(dataset: str) -> str:
+    """How to load the dataset again: its name, or the resolved path of the user's file/folder."""
+    return dataset if dataset in NAMED_DATASETS else str(Path(dataset).resolve())
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 over the arrays: a reloaded dataset must be exactly the one the base saw."""
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def ort_accuracy(onnx_path: PathLike, x: np.ndarray, y: np.ndarray, patches: tuple = ()) -> float:
+    """Accuracy measured through onnxruntime (the device path), not torch."""
+    model = PatchedModel(onnx_path, patches)
+    return float((model.predict(x) == y).mean())
+
+
+def train_base(
+    dataset: str,
+    arch: str,
+    out_dir: PathLike,
+    seed: int = 0,
+    epochs: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a base model and write its folder atomically; return the card."""
+    ds = load_dataset(dataset)
+    config = TrainConfig(arch=arch, seed=seed, epochs=epochs)
+    net, stats = fit(ds.x_train, ds.y_train, ds.n_classes, config, device=device, progress=progress, desc=f"train {arch}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_NAME).exists())):
+        raise BaseModelError(f"{out}: expected a new folder or an existing base folder, found other files")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        export = export_base(net, ds.input_shape, tmp / ONNX_NAME)
+        torch.save(net.state_dict(), tmp / WEIGHTS_NAME)
+        card = {
+            "format": CARD_FORMAT,
+            "dataset": {**ds.summary(), "source": _source(dataset), "fingerprint": dataset_fingerprint(ds)},
+            "arch": arch,
+            "config": net.config,
+            "input_shape": list(ds.input_shape),
+            "n_classes": ds.n_classes,
+            "training": {**config.to_card(), **{k: stats[k] for k in ("training_seconds", "final_loss", "device")}},
+            "metrics": {
+                "train_accuracy": ort_accuracy(tmp / ONNX_NAME, ds.x_train, ds.y_train),
+                "test_accuracy": ort_accuracy(tmp / ONNX_NAME, ds.x_test, ds.y_test),
+                "measured_with": "onnxruntime",
+            },
+            "onnx": export.to_card(),
+            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp / WEIGHTS_NAME)},
+            "versions": {
+                "prune_edge": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def read_card(path: PathLike) -> dict[str, Any]:
+    """Read and sanity-check ``card.json`` of a base folder."""
+    folder = Path(path)
+    card_path = folder / CARD_NAME
+    try:
+        card = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise BaseModelError(f"{folder}: expected a base folder with {CARD_NAME} (from `prune-edge train-base`), found none") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BaseModelError(f"{card_path}: expected JSON, found {exc}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise BaseModelError(f"{card_path}: expected format {CARD_FORMAT!r}, found {card.get('format') if isinstance(card, dict) else card!r}")
+    return card
+
+
+def load_base(path: PathLike) -> BaseBundle:
+    """Load a base folder, checking that base.onnx and the weights are the ones the card pins."""
+    folder = Path(path)
+    card = read_card(folder)
+    for key, name in (("onnx", ONNX_NAME), ("weights", WEIGHTS_NAME)):
+        f = folder / name
+        if not f.exists():
+            raise BaseModelError(f"{folder}: expected {name}, found none")
+        digest = sha256_file(f)
+        if digest != card[key]["sha256"]:
+            raise BaseModelError(f"{f}: expected sha256 {card[key]['sha256'][:16]}... (card.json), found {digest[:16]}...")
+    net = build_model(card["arch"], card["input_shape"], card["n_classes"], card["config"])
+    net.load_state_dict(torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True))
+    net.eval()
+    dataset = load_dataset(card["dataset"]["source"])
+    if dataset_fingerprint(dataset) != card["dataset"]["fingerprint"]:
+        raise BaseModelError(f"{folder}: dataset {card['dataset']['source']!r} differs from the one this base was trained on")
+    return BaseBundle(path=folder, card=card, net=net, dataset=dataset)

@@ -1,0 +1,91 @@
+"""Region LPs with HiGHS (float64), runnable in worker processes (no torch imported here).
+
+Certified bounds over a region need 2 x (C-1) LPs per region; regions are independent, so
+:func:`row_bounds_many` spreads them over processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import highspy
+import numpy as np
+import scipy.sparse as sp
+
+
+class RegionLP:
+    """The polytope of one region, solved for several linear objectives with HiGHS (float64).
+
+    The model is loaded once; each new objective re-solves from the previous optimal basis
+    (warm start), which is what makes 2 x (C-1) LPs per region affordable.
+    """
+
+    def __init__(self, a_ub: np.ndarray, b_ub: np.ndarray, bounds: np.ndarray, jac_f: np.ndarray, off_f: np.ndarray):
+        self.a_ub, self.b_ub, self.bounds = a_ub, b_ub, bounds
+        self.jac_f, self.off_f = jac_f, off_f
+        self.solves = 0
+        self._highs = None
+
+    def __getstate__(self) -> dict:
+        # The HiGHS handle is not picklable; a worker process builds its own.
+        return {**self.__dict__, "_highs": None}
+
+    def _solver(self) -> "highspy.Highs":
+        if self._highs is None:
+            h = highspy.Highs()
+            h.setOptionValue("output_flag", False)
+            m, n = self.a_ub.shape
+            h.addVars(n, self.bounds[:, 0], self.bounds[:, 1])
+            a = sp.csr_matrix(self.a_ub)
+            h.addRows(m, np.full(m, -highspy.kHighsInf), self.b_ub, a.nnz,
+                      a.indptr[:-1].astype(np.int32), a.indices.astype(np.int32), a.data)
+            self._cols = np.arange(n, dtype=np.int32)
+            self._highs = h
+        return self._highs
+
+    def _minimise(self, c: np.ndarray) -> float:
+        h = self._solver()
+        h.changeColsCost(len(c), self._cols, c)
+        h.run()
+        self.solves += 1
+        status = h.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal:
+            raise RuntimeError(f"region LP did not solve to optimality: {h.modelStatusToString(status)}")
+        return float(h.getInfo().objective_function_value)
+
+    def row_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row p: [min, max] of p @ f(h) over the region (two LPs per row), slackened
+        outward by more than the solver's feasibility tolerance so the interval stays sound."""
+        obj = rows @ self.jac_f
+        const = rows @ self.off_f
+        lows, highs = [], []
+        for c, k in zip(obj, const):
+            lo = self._minimise(c) + k
+            hi = -self._minimise(-c) + k
+            slack = 1e-6 * (1.0 + np.abs(c).sum() + max(abs(lo), abs(hi)))
+            lows.append(lo - slack)
+            highs.append(hi + slack)
+        return np.array(lows), np.array(highs)
+
+    def contains(self, h: np.ndarray, tol: float = 1e-7) -> bool:
+        """Whether ``h`` satisfies the region's constraints (for tests and witnesses)."""
+        inside_box = np.all(h >= self.bounds[:, 0] - tol) and np.all(h <= self.bounds[:, 1] + tol)
+        return bool(inside_box and np.all(self.a_ub @ h <= self.b_ub + tol))
+
+
+def _bounds_task(task: tuple[RegionLP, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    lp, rows = task
+    lower, upper = lp.row_bounds(rows)
+    return lower, upper, lp.solves
+
+
+def row_bounds_many(tasks: list[tuple[RegionLP, np.ndarray]], workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Solve each (region LP, specification rows) task; in parallel processes when workers > 1."""
+    workers = min(len(tasks), workers or os.cpu_count() or 1)
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_bounds_task(t) for t in tasks]
+    # fork: workers inherit the loaded modules and start in milliseconds; they only run HiGHS.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_bounds_task, tasks))

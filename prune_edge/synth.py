@@ -1,0 +1,238 @@
+"""PRUNE patch synthesis for forget points: regions -> certified affine maps -> gate widths.
+
+For each forget point (points that share an activation pattern merge into one record):
+1. pick a random "confusing" target label (not the true label, not the base's prediction);
+2. ``prune``: bound every specification row e_j - e_target over the region with two LPs, then scale
+   (alpha) and shift (beta) each row into [q_lower, q_upper] -- PRUNE's closed form;
+   ``collapse``: alpha = 0, so the region's output becomes a constant where the target wins by the
+   margin (no LP, certified by construction);
+3. choose the widest gate (smallest gamma) that, with a safety factor, stays closed on every retained
+   training point and every other record's forget points.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models.nets import PreactNet
+from .lp import row_bounds_many
+from .regions import Regions, compute_regions, parse_gate_layers, region_lp
+from .runtime.patchgraph import PatchParams, affine_from_scales, spec_rows
+
+MODES = ("prune", "collapse")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Knobs of patch synthesis. Defaults follow the method note."""
+
+    mode: str = "prune"
+    gate_layers: str = "all"
+    gamma: float | None = None  # None: widest safe gate per record
+    seed: int = 0
+    margin: float = 1.0  # q_upper = -margin: the target wins by at least this much on the region
+    q_lower: float = -1000.0
+    gate_safety: float = 2.0  # gate closes at 1/safety of the nearest other point's violation
+    max_gamma: float = 1e4
+    lp_workers: int | None = None  # processes for the region LPs; None: all cores
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, found {self.mode!r}")
+        if self.gamma is not None and not (0 < self.gamma < float("inf")):
+            raise ValueError(f"gamma: expected a positive finite number, found {self.gamma}")
+        if not self.margin > 0:
+            raise ValueError(f"margin: expected > 0, found {self.margin}")
+
+    @property
+    def q_upper(self) -> float:
+        return -float(self.margin)
+
+
+@dataclass
+class RecordData:
+    """One synthesised record (region) before export."""
+
+    signs: np.ndarray  # int8 (M,)
+    gamma: float
+    target: int
+    alpha: np.ndarray
+    beta: np.ndarray
+    mean_scale: float
+    mean_shift: float
+    lower: np.ndarray | None
+    upper: np.ndarray | None
+    T: np.ndarray
+    t: np.ndarray
+    members: list[int]  # positions in the forget list
+    nearest_violation: float  # smallest violation among points the gate must not open on
+
+
+@dataclass
+class SynthResult:
+    records: list[RecordData]
+    start: int  # first gated hidden layer
+    n_gated: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def params(self) -> PatchParams:
+        return PatchParams(
+            signs=np.stack([r.signs for r in self.records]),
+            gamma=np.array([r.gamma for r in self.records]),
+            T=np.stack([r.T for r in self.records]),
+            t=np.stack([r.t for r in self.records]),
+        )
+
+
+def _round_outward(lower: np.ndarray, upper: np.ndarray, decimals: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Round LP bounds outward to ``decimals``: still sound, and the manifest stays short."""
+    q = 10.0**decimals
+    return np.floor(lower * q) / q, np.ceil(upper * q) / q
+
+
+def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper: float) -> tuple[np.ndarray, np.ndarray]:
+    """PRUNE: per row, scale the interval to fit the specification width, then shift it inside."""
+    # Aim a hair inside the specification so float rounding of alpha * v + beta cannot leave it.
+    q_lower_in = q_lower + 1e-6 * (1.0 + abs(q_lower))
+    q_upper_in = q_upper - 1e-6 * (1.0 + np.abs(upper))
+    alpha = np.ones_like(upper)
+    beta = np.zeros_like(upper)
+    width, room = upper - lower, q_upper_in - q_lower_in
+    squeeze = width > room
+    alpha[squeeze] = room[squeeze] / width[squeeze]
+    beta[squeeze] = q_upper_in[squeeze] - alpha[squeeze] * upper[squeeze]
+    fits = ~squeeze
+    high, low = fits & (upper > q_upper_in), fits & (lower < q_lower_in)
+    beta[high] = (q_upper_in - upper)[high]
+    beta[low] = (q_lower_in - lower)[low]
+    # Short decimals for the manifest; rounding beta down keeps the upper side inside.
+    return alpha, np.floor(beta * 1e6) / 1e6
+
+
+@torch.no_grad()
+def gated_preacts(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> torch.Tensor:
+    """(N, M) float32 gated pre-activations (layers start..), concatenated like the patch graph does."""
+    out = []
+    for i in range(0, len(x), batch):
+        preacts, _ = net.forward_all(torch.from_numpy(x[i : i + batch]))
+        out.append(torch.cat([z.flatten(1) for z in preacts[start:]], dim=1))
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+def violations(z: torch.Tensor, signs: np.ndarray) -> torch.Tensor:
+    """(N, P) summed sign violations sum_i relu(-s_i z_i), computed as the device does: (|z|_1 - z s)/2."""
+    s = torch.from_numpy(signs.astype(np.float32)).T
+    return (z.abs().sum(1, keepdim=True) - z @ s) / 2
+
+
+def choose_target(rng: np.random.Generator, forbidden: set[int], n_classes: int) -> int:
+    choices = [c for c in range(n_classes) if c not in forbidden]
+    return int(rng.choice(choices))
+
+
+def synthesize(
+    net: PreactNet,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    forget_ids: np.ndarray,
+    config: SynthConfig,
+    device: str = "cpu",
+    progress: bool = True,
+) -> SynthResult:
+    """Build certified records that move every forget point to a confusing label."""
+    t0 = time.perf_counter()
+    net = net.eval()
+    n_classes = net.layers[-1].out_features
+    start = parse_gate_layers(config.gate_layers, net.n_hidden)
+    rng = np.random.default_rng(config.seed)
+    x_forget = x_train[forget_ids]
+    regions: Regions = compute_regions(net, x_forget, start, device=device)
+    t_regions = time.perf_counter() - t0
+    # Points with the same pattern share one region, hence one record.
+    groups: dict[bytes, list[int]] = {}
+    for i, s in enumerate(regions.signs):
+        groups.setdefault(s.tobytes(), []).append(i)
+    preds = regions.off_f.numpy() + np.einsum("bcd,bd->bc", regions.jac_f.numpy(), regions.h.numpy())
+    preds = preds.argmax(1)
+    plans = []
+    for members in groups.values():
+        forbidden = {int(y_train[forget_ids[i]]) for i in members} | {int(preds[i]) for i in members}
+        plans.append((members, choose_target(rng, forbidden, n_classes)))
+    lp_solves, t_lp = 0, 0.0
+    if config.mode == "prune":
+        t1 = time.perf_counter()
+        tasks = [(region_lp(regions, members[0]), spec_rows(target, n_classes)) for members, target in plans]
+        bounds = row_bounds_many(tasks, config.lp_workers)
+        lp_solves = sum(b[2] for b in bounds)
+        t_lp = time.perf_counter() - t1
+    records: list[RecordData] = []
+    for k, (members, target) in enumerate(tqdm(plans, desc=f"patch ({config.mode})", unit="region", disable=not progress, leave=False)):
+        rep = members[0]
+        if config.mode == "prune":
+            lower, upper = _round_outward(bounds[k][0], bounds[k][1])
+            alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper)
+            mean_scale, mean_shift = 1.0, 0.0
+        else:
+            lower = upper = None
+            alpha = np.zeros(n_classes - 1)
+            beta = np.full(n_classes - 1, config.q_upper)
+            rep_logits = regions.off_f[rep].numpy() + regions.jac_f[rep].numpy() @ regions.h[rep].numpy()
+            mean_scale, mean_shift = 0.0, float(np.round(rep_logits.mean(), 6))
+        T, t = affine_from_scales(target, alpha, beta, mean_scale, mean_shift, n_classes)
+        records.append(
+            RecordData(
+                signs=regions.signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha, beta=beta,
+                mean_scale=mean_scale, mean_shift=mean_shift, lower=lower, upper=upper, T=T, t=t,
+                members=list(members), nearest_violation=float("nan"),
+            )
+        )
+    t_gates = time.perf_counter()
+    overlaps = _set_gates(net, x_train, forget_ids, records, start, config)
+    t_end = time.perf_counter()
+    stats = {
+        "build_seconds": t_end - t0,
+        "regions_seconds": t_regions,
+        "lp_seconds": t_lp,
+        "lp_solves": lp_solves,
+        "gate_seconds": t_end - t_gates,
+        "records": len(records),
+        "points": int(len(forget_ids)),
+        "gated_values": regions.n_gated,
+        "gate_start_layer": start,
+        "unavoidable_overlaps": overlaps,
+    }
+    return SynthResult(records=records, start=start, n_gated=regions.n_gated, stats=stats)
+
+
+def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, records: list[RecordData], start: int, config: SynthConfig) -> int:
+    """Give each record the widest gate that stays closed on every point it must not touch.
+
+    The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
+    well before the nearest retained point or other record's forget point. Returns how many records
+    share their exact region with such a point (their gate cannot exclude it)."""
+    z = gated_preacts(net, x_train, start)
+    signs = np.stack([r.signs for r in records])
+    viol = violations(z, signs)  # (N_train, P)
+    owner = np.full(len(x_train), -1)
+    for k, r in enumerate(records):
+        owner[forget_ids[r.members]] = k
+    overlaps = 0
+    for k, r in enumerate(records):
+        others = torch.from_numpy(owner != k)
+        v = viol[others, k]
+        v_min = float(v.min()) if len(v) else float("inf")
+        r.nearest_violation = v_min
+        if config.gamma is not None:
+            r.gamma = float(config.gamma)
+        elif v_min <= 0:
+            overlaps += 1
+            r.gamma = config.max_gamma
+        else:
+            r.gamma = float(min(config.max_gamma, config.gate_safety / v_min))
+    return overlaps

@@ -1,0 +1,95 @@
+"""Point unlearning end to end: base folder + forget ids -> certified, verified patch file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .basedir import BaseBundle
+from .evaluate import evaluate_patch
+from .exporters.patch_export import BaseRef, RecordCert, build_patch, commit_ids, new_salt, write_patch
+from .runtime.base import BaseGraph
+from .runtime.fileio import PathLike, atomic_write_bytes
+from .runtime.manifest import GatedTensor
+from .runtime.patchfile import unpack
+from .runtime.verify import verify_patch
+from .synth import SynthConfig, SynthResult, synthesize
+from .train import resolve_device
+
+
+def base_ref(bundle: BaseBundle, start: int) -> BaseRef:
+    """The base identity and tensors a patch gating layers ``start..`` reads, from the card."""
+    o = bundle.card["onnx"]
+    gated = tuple(GatedTensor(n, tuple(s)) for n, s in zip(o["preacts"][start:], o["preact_shapes"][start:]))
+    return BaseRef(o["sha256"], o["opset"], o["ir_version"], o["logits"], bundle.card["n_classes"], gated)
+
+
+def certs_of(result: SynthResult) -> list[RecordCert]:
+    return [
+        RecordCert(r.target, r.gamma, r.alpha, r.beta, r.mean_scale, r.mean_shift, r.lower, r.upper, len(r.members))
+        for r in result.records
+    ]
+
+
+def build_point_patch(
+    bundle: BaseBundle,
+    forget_ids: np.ndarray,
+    config: SynthConfig,
+    out: PathLike,
+    device: str = "auto",
+    progress: bool = True,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Synthesise, package, self-verify and write a patch forgetting ``forget_ids``.
+
+    The file is verified with the device's own checks before it is written (atomically), so the
+    server never ships a patch a device would refuse. The id salt goes to ``OUT.request.json`` beside
+    the patch (server-side record), never into the patch.
+    """
+    ds = bundle.dataset
+    dev = resolve_device(device)
+    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, device=str(dev), progress=progress)
+    salt = new_salt()
+    t0 = time.perf_counter()
+    request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt)}
+    manifest, data = build_patch(
+        base_ref(bundle, result.start), result.params(), certs_of(result), config.mode, config.q_lower, config.q_upper, request
+    )
+    export_seconds = time.perf_counter() - t0
+    verify_patch(unpack(data, source=Path(out).name), BaseGraph.load(bundle.onnx_path))
+    write_patch(out, data)
+    sidecar = {
+        "patch_id": manifest.patch_id,
+        "ids": [int(i) for i in forget_ids],
+        "id_salt": salt.hex(),
+        "targets": {int(forget_ids[m]): r.target for r in result.records for m in r.members},
+    }
+    atomic_write_bytes(str(out) + ".request.json", (json.dumps(sidecar, indent=1) + "\n").encode())
+    report: dict[str, Any] = {
+        "patch": str(out),
+        "patch_id": manifest.patch_id,
+        "mode": config.mode,
+        "gate_layers": config.gate_layers,
+        "points": int(len(forget_ids)),
+        "records": len(result.records),
+        "build_seconds": result.stats["build_seconds"] + export_seconds,
+        "synthesis": result.stats,
+        "patch_bytes": len(data),
+        "base_bytes": bundle.onnx_path.stat().st_size,
+        "base_training_seconds": bundle.card["training"]["training_seconds"],
+        "gammas": [r.gamma for r in result.records],
+    }
+    report["patch_to_base"] = report["patch_bytes"] / report["base_bytes"]
+    if evaluate:
+        report["evaluation"] = evaluate_patch(
+            bundle.onnx_path, [out], ds.x_train, ds.y_train, ds.x_test, ds.y_test, forget_ids
+        )
+        targets = np.array([sidecar["targets"][int(i)] for i in forget_ids])
+        report["evaluation"]["forget_to_target"] = int(
+            (np.array(report["evaluation"]["forget_pred_after"]) == targets).sum()
+        )
+    return report

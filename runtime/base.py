@@ -1,0 +1,89 @@
+"""The device's view of a base model: its exact bytes, identity and the tensors patches may tap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import BaseModelError, InputError
+from .fileio import PathLike, sha256_bytes
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple:
+    shape = value_info.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
+
+
+@dataclass
+class BaseGraph:
+    """A base ONNX model loaded once: bytes (for the binding digest), proto, and tensor shapes."""
+
+    path: Path
+    data: bytes
+    model: onnx.ModelProto
+    sha256: str
+    opset: int
+    ir_version: int
+    input_name: str
+    input_shape: tuple  # after the batch dim; None where symbolic
+    logits_name: str
+    _shapes: dict[str, tuple] | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "BaseGraph":
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise BaseModelError(f"{p}: cannot read base model ({exc.strerror or exc})") from None
+        try:
+            model = onnx.load_from_string(data)
+        except Exception as exc:  # protobuf's DecodeError has no stable import path
+            raise BaseModelError(f"{p.name}: expected an ONNX model, found undecodable bytes ({exc})") from None
+        graph = model.graph
+        init_names = {i.name for i in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in init_names]
+        if len(inputs) != 1 or not graph.output:
+            raise BaseModelError(
+                f"{p.name}: expected one input and at least one output, found {len(inputs)} inputs "
+                f"and {len(graph.output)} outputs"
+            )
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is None:
+            raise BaseModelError(f"{p.name}: expected a default-domain opset import, found none")
+        return cls(
+            path=p,
+            data=data,
+            model=model,
+            sha256=sha256_bytes(data),
+            opset=int(opset),
+            ir_version=int(model.ir_version),
+            input_name=inputs[0].name,
+            input_shape=_dims(inputs[0])[1:],
+            logits_name=graph.output[0].name,
+        )
+
+    def tensor_shapes(self) -> dict[str, tuple]:
+        """Shapes (after the batch dim) of every tensor shape inference can name."""
+        if self._shapes is None:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+            g = inferred.graph
+            self._shapes = {v.name: _dims(v)[1:] for v in [*g.value_info, *g.output, *g.input]}
+        return self._shapes
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Refuse arrays the base cannot take, with the shape and dtype it expects."""
+        expected = "(N, " + ", ".join("?" if d is None else str(d) for d in self.input_shape) + ")"
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input: expected a numpy array of shape {expected}, found {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise InputError(f"input: expected dtype float32 with shape {expected}, found {x.dtype}")
+        ok = x.ndim == len(self.input_shape) + 1 and all(
+            d is None or d == s for d, s in zip(self.input_shape, x.shape[1:])
+        )
+        if not ok:
+            raise InputError(f"input: expected shape {expected}, found {tuple(x.shape)}")
+        return np.ascontiguousarray(x)

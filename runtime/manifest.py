@@ -1,0 +1,310 @@
+"""The patch manifest: a strict, versioned JSON document validated before anything else is read.
+
+Layout of ``manifest.json`` inside a patch file (TUF style, signature slot from day one)::
+
+    {"signed": {...the fields of Manifest...}, "signatures": []}
+
+The bytes that a signature covers are :func:`canonical_bytes` of ``signed`` (sorted keys, fixed
+separators, ASCII), so re-serialising a manifest never changes what was signed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from .errors import PatchFormatError
+
+FORMAT_NAME = "prune-edge-patch"
+FORMAT_VERSION = 1
+MODES = ("prune", "collapse")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_./:-]{1,128}$")
+_PATCH_ID = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def canonical_bytes(obj: Any) -> bytes:
+    """Deterministic JSON encoding used for hashing and signing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _fail(where: str, expected: str, found: Any) -> PatchFormatError:
+    text = repr(found)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return PatchFormatError(f"manifest {where}: expected {expected}, found {text}")
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise _fail(where, "an object", d)
+    if key not in d:
+        raise _fail(f"{where}.{key}", "a value", "nothing")
+    value = d[key]
+    # bool is an int in Python; never accept it where a number is expected.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _fail(f"{where}.{key}", getattr(kind, "__name__", str(kind)), value)
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise _fail(f"{where}.{key}", name, value)
+    return value
+
+
+def _only_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise _fail(where, f"only keys {sorted(allowed)}", extra)
+
+
+def _finite_list(values: Any, n: int, where: str) -> list[float]:
+    if not isinstance(values, list) or len(values) != n:
+        raise _fail(where, f"a list of {n} numbers", values)
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _fail(where, "finite numbers", v)
+        out.append(float(v))
+    return out
+
+
+@dataclass(frozen=True)
+class GatedTensor:
+    """A base tensor that the patch gates on: its name in the base graph and its shape after N."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One gated affine patch g(x) * (T f(x) + t) and the certificate data that justifies it.
+
+    The specification rows are ``e_j - e_target`` for every class j != target, in increasing j.
+    On the record's region the base's row values lie in [lower_i, upper_i] (two LPs each, ``prune``
+    mode) and the patch maps them to ``alpha_i * v + beta_i``, which must lie in the manifest's
+    [q_lower, q_upper]. ``collapse`` has alpha = 0, so no bounds are needed. ``mean_shift`` is beta
+    on the added row (1,...,1)/C, ``mean_scale`` its alpha.
+    """
+
+    target: int
+    gamma: float
+    alpha: tuple[float, ...]
+    beta: tuple[float, ...]
+    mean_scale: float
+    mean_shift: float
+    lower: tuple[float, ...] | None
+    upper: tuple[float, ...] | None
+    points: int
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("alpha", "beta", "lower", "upper"):
+            d[k] = None if d[k] is None else list(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a device must know about a patch before it parses a single ONNX byte."""
+
+    patch_id: str
+    created: str
+    mode: str
+    base_sha256: str
+    base_opset: int
+    base_ir_version: int
+    logits_name: str
+    n_classes: int
+    gated: tuple[GatedTensor, ...]
+    graph_sha256: str
+    graph_bytes: int
+    q_lower: float
+    q_upper: float
+    records: tuple[Record, ...]
+    request: dict[str, Any] = field(default_factory=dict)
+    chain: dict[str, Any] = field(default_factory=lambda: {"position": 0, "replaces": []})
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def prefix(self) -> str:
+        """Prefix of every name in the patch graph; unique per patch so graphs merge cleanly."""
+        return f"pe_{self.patch_id[:16]}_"
+
+    @property
+    def gated_size(self) -> int:
+        return sum(g.size for g in self.gated)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "patch_id": self.patch_id,
+            "created": self.created,
+            "mode": self.mode,
+            "base": {
+                "sha256": self.base_sha256,
+                "opset": self.base_opset,
+                "ir_version": self.base_ir_version,
+            },
+            "inputs": {
+                "logits": self.logits_name,
+                "gated": [{"name": g.name, "shape": list(g.shape)} for g in self.gated],
+            },
+            "n_classes": self.n_classes,
+            "graph": {"sha256": self.graph_sha256, "bytes": self.graph_bytes},
+            "specification": {"q_lower": self.q_lower, "q_upper": self.q_upper},
+            "records": [r.to_json() for r in self.records],
+            "request": self.request,
+            "chain": self.chain,
+        }
+
+    def envelope(self, signatures: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The document stored as ``manifest.json``."""
+        return {"signed": self.to_json(), "signatures": list(signatures or [])}
+
+    def signed_bytes(self) -> bytes:
+        """The canonical bytes a signature covers."""
+        return canonical_bytes(self.to_json())
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "Manifest":
+        """Validate a parsed ``signed`` object field by field; raise PatchFormatError on the first
+        deviation, naming the field, what was expected and what was found."""
+        w = "signed"
+        if not isinstance(doc, dict):
+            raise _fail(w, "an object", doc)
+        _only_keys(
+            doc,
+            {"format", "format_version", "patch_id", "created", "mode", "base", "inputs", "n_classes",
+             "graph", "specification", "records", "request", "chain"},
+            w,
+        )
+        if _get(doc, "format", str, w) != FORMAT_NAME:
+            raise _fail(f"{w}.format", repr(FORMAT_NAME), doc["format"])
+        version = _get(doc, "format_version", int, w)
+        if version != FORMAT_VERSION:
+            raise _fail(f"{w}.format_version", f"{FORMAT_VERSION} (this runtime's format)", version)
+        patch_id = _get(doc, "patch_id", str, w)
+        if not _PATCH_ID.match(patch_id):
+            raise _fail(f"{w}.patch_id", "16-64 lowercase hex digits", patch_id)
+        created = _get(doc, "created", str, w)
+        mode = _get(doc, "mode", str, w)
+        if mode not in MODES:
+            raise _fail(f"{w}.mode", f"one of {MODES}", mode)
+        base = _get(doc, "base", dict, w)
+        _only_keys(base, {"sha256", "opset", "ir_version"}, f"{w}.base")
+        base_sha = _get(base, "sha256", str, f"{w}.base")
+        if not _HEX64.match(base_sha):
+            raise _fail(f"{w}.base.sha256", "64 lowercase hex digits", base_sha)
+        inputs = _get(doc, "inputs", dict, w)
+        _only_keys(inputs, {"logits", "gated"}, f"{w}.inputs")
+        logits_name = _get(inputs, "logits", str, f"{w}.inputs")
+        gated_docs = _get(inputs, "gated", list, f"{w}.inputs")
+        if not gated_docs:
+            raise _fail(f"{w}.inputs.gated", "at least one gated tensor", gated_docs)
+        gated = []
+        for i, g in enumerate(gated_docs):
+            gw = f"{w}.inputs.gated[{i}]"
+            _only_keys(g, {"name", "shape"}, gw)
+            name = _get(g, "name", str, gw)
+            shape = _get(g, "shape", list, gw)
+            if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+                raise _fail(f"{gw}.shape", "a list of positive ints", shape)
+            gated.append(GatedTensor(name, tuple(shape)))
+        names = [logits_name] + [g.name for g in gated]
+        for name in names:
+            if not _NAME.match(name):
+                raise _fail(f"{w}.inputs", "tensor names of [A-Za-z0-9_./:-]", name)
+        if len(set(names)) != len(names):
+            raise _fail(f"{w}.inputs", "distinct tensor names", names)
+        n_classes = _get(doc, "n_classes", int, w)
+        if not 2 <= n_classes <= 100_000:
+            raise _fail(f"{w}.n_classes", "an int in [2, 100000]", n_classes)
+        graph = _get(doc, "graph", dict, w)
+        _only_keys(graph, {"sha256", "bytes"}, f"{w}.graph")
+        graph_sha = _get(graph, "sha256", str, f"{w}.graph")
+        if not _HEX64.match(graph_sha):
+            raise _fail(f"{w}.graph.sha256", "64 lowercase hex digits", graph_sha)
+        spec = _get(doc, "specification", dict, w)
+        _only_keys(spec, {"q_lower", "q_upper"}, f"{w}.specification")
+        q_lower, q_upper = _finite_list([spec.get("q_lower"), spec.get("q_upper")], 2, f"{w}.specification")
+        if not q_lower < q_upper < 0:
+            raise _fail(f"{w}.specification", "q_lower < q_upper < 0 (a strict margin)", [q_lower, q_upper])
+        record_docs = _get(doc, "records", list, w)
+        if not record_docs:
+            raise _fail(f"{w}.records", "at least one record", record_docs)
+        records = [_record(r, n_classes, mode, f"{w}.records[{i}]") for i, r in enumerate(record_docs)]
+        request = _get(doc, "request", dict, w)
+        chain = _get(doc, "chain", dict, w)
+        _only_keys(chain, {"position", "replaces"}, f"{w}.chain")
+        position = _get(chain, "position", int, f"{w}.chain")
+        replaces = _get(chain, "replaces", list, f"{w}.chain")
+        if position < 0 or not all(isinstance(r, str) and _PATCH_ID.match(r) for r in replaces):
+            raise _fail(f"{w}.chain", "position >= 0 and a list of patch ids", chain)
+        return cls(
+            patch_id=patch_id,
+            created=created,
+            mode=mode,
+            base_sha256=base_sha,
+            base_opset=_get(base, "opset", int, f"{w}.base"),
+            base_ir_version=_get(base, "ir_version", int, f"{w}.base"),
+            logits_name=logits_name,
+            n_classes=n_classes,
+            gated=tuple(gated),
+            graph_sha256=graph_sha,
+            graph_bytes=_get(graph, "bytes", int, f"{w}.graph"),
+            q_lower=q_lower,
+            q_upper=q_upper,
+            records=tuple(records),
+            request=request,
+            chain={"position": position, "replaces": list(replaces)},
+        )
+
+
+def _record(doc: Any, n_classes: int, mode: str, w: str) -> Record:
+    _only_keys(
+        doc if isinstance(doc, dict) else {},
+        {"target", "gamma", "alpha", "beta", "mean_scale", "mean_shift", "lower", "upper", "points"},
+        w,
+    )
+    target = _get(doc, "target", int, w)
+    if not 0 <= target < n_classes:
+        raise _fail(f"{w}.target", f"a class in [0, {n_classes})", target)
+    gamma = _finite_list([doc.get("gamma")], 1, f"{w}.gamma")[0]
+    if not gamma > 0:
+        raise _fail(f"{w}.gamma", "a positive number", gamma)
+    rows = n_classes - 1
+    alpha = _finite_list(doc.get("alpha"), rows, f"{w}.alpha")
+    beta = _finite_list(doc.get("beta"), rows, f"{w}.beta")
+    mean_scale, mean_shift = _finite_list(
+        [doc.get("mean_scale"), doc.get("mean_shift")], 2, f"{w}.mean_scale/mean_shift"
+    )
+    if mode == "prune":
+        lower = _finite_list(doc.get("lower"), rows, f"{w}.lower")
+        upper = _finite_list(doc.get("upper"), rows, f"{w}.upper")
+    else:
+        if doc.get("lower") is not None or doc.get("upper") is not None:
+            raise _fail(f"{w}.lower/upper", "null in collapse mode", [doc.get("lower"), doc.get("upper")])
+        lower = upper = None
+    points = _get(doc, "points", int, w)
+    if points < 1:
+        raise _fail(f"{w}.points", "a positive count", points)
+    return Record(
+        target=target,
+        gamma=gamma,
+        alpha=tuple(alpha),
+        beta=tuple(beta),
+        mean_scale=mean_scale,
+        mean_shift=mean_shift,
+        lower=None if lower is None else tuple(lower),
+        upper=None if upper is None else tuple(upper),
+        points=points,
+    )

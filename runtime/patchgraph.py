@@ -1,0 +1,194 @@
+"""The one canonical patch graph, and the certificate algebra behind its parameters.
+
+A patch file holding P records computes, from base tensors only::
+
+    z      = concat(flatten(z_l) for each gated tensor)             (N, M)
+    gate   = relu(1 - gamma/2 * (|z|_1 - z @ S^T))                 (N, P)   S: signs in {-1, +1}
+    out    = f + [gate (x) f, gate] @ W                             (N, C)   W = [T_1^T..T_P^T; t_1..t_P]
+
+``(|z|_1 - z.s)/2`` is the summed sign violation sum_i relu(-s_i z_i), so all P gates cost one MatMul
+and all corrections one more (method note, section 2). The server builds this graph with
+:func:`build_patch_graph`; the device rebuilds it from the received parameters and the manifest and
+demands equality, so a patch file can only ever be this structure. Where every gate is 0 the correction
+is an exact 0, so the output equals the base logits bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import StructureError
+from .manifest import GatedTensor
+
+PRODUCER = "prune-edge"
+OUTPUT_SUFFIX = "logits"
+BATCH_DIM = "N"
+
+
+# ----------------------------------------------------------------------------- certificate algebra
+def spec_rows(target: int, n_classes: int) -> np.ndarray:
+    """P: one row ``e_j - e_target`` per class j != target (the target must win)."""
+    others = [j for j in range(n_classes) if j != target]
+    rows = np.zeros((n_classes - 1, n_classes))
+    rows[np.arange(n_classes - 1), others] = 1.0
+    rows[:, target] = -1.0
+    return rows
+
+
+def completed_spec(target: int, n_classes: int) -> np.ndarray:
+    """Pbar: P plus the row (1,...,1)/C, orthogonal to every row of P, hence invertible."""
+    return np.vstack([spec_rows(target, n_classes), np.full((1, n_classes), 1.0 / n_classes)])
+
+
+def affine_from_scales(
+    target: int, alpha: np.ndarray, beta: np.ndarray, mean_scale: float, mean_shift: float, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """PRUNE's closed form: ``T = Pbar^-1 diag(a) Pbar - I``, ``t = Pbar^-1 b`` (float64)."""
+    pbar = completed_spec(target, n_classes)
+    inv = np.linalg.inv(pbar)
+    a = np.append(np.asarray(alpha, float), mean_scale)
+    b = np.append(np.asarray(beta, float), mean_shift)
+    return inv @ np.diag(a) @ pbar - np.eye(n_classes), inv @ b
+
+
+# ----------------------------------------------------------------------------- parameters
+@dataclass
+class PatchParams:
+    """The numbers a patch graph carries, one row per record."""
+
+    signs: np.ndarray  # int8 (P, M), entries in {-1, +1}
+    gamma: np.ndarray  # float32 (P,)
+    T: np.ndarray  # float32 (P, C, C)
+    t: np.ndarray  # float32 (P, C)
+
+    def __post_init__(self) -> None:
+        self.signs = np.ascontiguousarray(self.signs, dtype=np.int8)
+        self.gamma = np.ascontiguousarray(self.gamma, dtype=np.float32)
+        self.T = np.ascontiguousarray(self.T, dtype=np.float32)
+        self.t = np.ascontiguousarray(self.t, dtype=np.float32)
+
+    @property
+    def n_records(self) -> int:
+        return int(self.signs.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.t.shape[1])
+
+
+def _names(prefix: str) -> dict[str, str]:
+    keys = ["signs", "half_gamma", "affine", "one", "axis1", "axis2", "flat_shape", "z", "abs", "l1",
+            "signs_f", "zs", "viol2", "scaled", "open", "gate", "gate3", "f3", "gf3", "gf", "feat",
+            "correction", OUTPUT_SUFFIX]
+    return {k: prefix + k for k in keys}
+
+
+def output_name(prefix: str) -> str:
+    """Name of the patched-logits output of a patch graph with this prefix."""
+    return prefix + OUTPUT_SUFFIX
+
+
+def gate_name(prefix: str) -> str:
+    """Name of the (N, P) gate tensor, tapped by ``verify-sample`` to say which record covers a sample."""
+    return prefix + "gate"
+
+
+def _initializers(prefix: str, params: PatchParams) -> list[TensorProto]:
+    n = _names(prefix)
+    p, c = params.n_records, params.n_classes
+    # W rows: k*C + j holds T_k[:, j] (so (gate (x) f) @ W = sum_k g_k T_k f); then t_k rows.
+    affine = np.concatenate([params.T.transpose(0, 2, 1).reshape(p * c, c), params.t], axis=0)
+    arrays = {
+        "signs": np.ascontiguousarray(params.signs.T),  # (M, P) int8; cast once, folded at load
+        "half_gamma": (params.gamma * np.float32(0.5)).astype(np.float32),
+        "affine": affine.astype(np.float32),
+        "one": np.array(1.0, np.float32),
+        "axis1": np.array([1], np.int64),
+        "axis2": np.array([2], np.int64),
+        "flat_shape": np.array([0, p * c], np.int64),
+    }
+    return [numpy_helper.from_array(v, n[k]) for k, v in arrays.items()]
+
+
+def build_patch_graph(
+    prefix: str,
+    gated: tuple[GatedTensor, ...] | list[GatedTensor],
+    logits_name: str,
+    params: PatchParams,
+    opset: int,
+    ir_version: int,
+) -> onnx.ModelProto:
+    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes)."""
+    n = _names(prefix)
+    c = params.n_classes
+    m = sum(g.size for g in gated)
+    if params.signs.shape[1] != m:
+        raise ValueError(f"signs have {params.signs.shape[1]} columns, gated tensors hold {m} values")
+    nodes = []
+    flat = []
+    for i, g in enumerate(gated):
+        out = f"{prefix}flat{i}"
+        nodes.append(helper.make_node("Flatten", [g.name], [out], axis=1, name=out))
+        flat.append(out)
+    nodes += [
+        helper.make_node("Concat", flat, [n["z"]], axis=1, name=n["z"]),
+        helper.make_node("Abs", [n["z"]], [n["abs"]], name=n["abs"]),
+        helper.make_node("ReduceSum", [n["abs"], n["axis1"]], [n["l1"]], keepdims=1, name=n["l1"]),
+        helper.make_node("Cast", [n["signs"]], [n["signs_f"]], to=TensorProto.FLOAT, name=n["signs_f"]),
+        helper.make_node("MatMul", [n["z"], n["signs_f"]], [n["zs"]], name=n["zs"]),
+        helper.make_node("Sub", [n["l1"], n["zs"]], [n["viol2"]], name=n["viol2"]),
+        helper.make_node("Mul", [n["viol2"], n["half_gamma"]], [n["scaled"]], name=n["scaled"]),
+        helper.make_node("Sub", [n["one"], n["scaled"]], [n["open"]], name=n["open"]),
+        helper.make_node("Relu", [n["open"]], [n["gate"]], name=n["gate"]),
+        helper.make_node("Unsqueeze", [n["gate"], n["axis2"]], [n["gate3"]], name=n["gate3"]),
+        helper.make_node("Unsqueeze", [logits_name, n["axis1"]], [n["f3"]], name=n["f3"]),
+        helper.make_node("Mul", [n["gate3"], n["f3"]], [n["gf3"]], name=n["gf3"]),
+        helper.make_node("Reshape", [n["gf3"], n["flat_shape"]], [n["gf"]], name=n["gf"]),
+        helper.make_node("Concat", [n["gf"], n["gate"]], [n["feat"]], axis=1, name=n["feat"]),
+        helper.make_node("MatMul", [n["feat"], n["affine"]], [n["correction"]], name=n["correction"]),
+        helper.make_node("Add", [logits_name, n["correction"]], [n[OUTPUT_SUFFIX]], name=n[OUTPUT_SUFFIX]),
+    ]
+    inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]
+    inputs.append(helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [BATCH_DIM, c]))
+    outputs = [helper.make_tensor_value_info(n[OUTPUT_SUFFIX], TensorProto.FLOAT, [BATCH_DIM, c])]
+    graph = helper.make_graph(nodes, prefix + "graph", inputs, outputs, _initializers(prefix, params))
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, ir_version=ir_version
+    )
+    return model
+
+
+def extract_params(model: onnx.ModelProto, prefix: str, n_records: int, gated_size: int, n_classes: int) -> PatchParams:
+    """Read the parameters of a received graph by their canonical names; shapes and dtypes must fit."""
+    n = _names(prefix)
+    inits = {t.name: t for t in model.graph.initializer}
+    expected = {
+        "signs": (TensorProto.INT8, (gated_size, n_records)),
+        "half_gamma": (TensorProto.FLOAT, (n_records,)),
+        "affine": (TensorProto.FLOAT, (n_records * (n_classes + 1), n_classes)),
+    }
+    arrays = {}
+    for key, (dtype, shape) in expected.items():
+        tensor = inits.get(n[key])
+        if tensor is None:
+            raise StructureError(f"patch graph: expected initializer {n[key]!r}, found none")
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise StructureError(f"patch graph: initializer {n[key]!r} uses external data; expected inline")
+        if tensor.data_type != dtype or tuple(tensor.dims) != shape:
+            raise StructureError(
+                f"patch graph: initializer {n[key]!r} expected dtype {TensorProto.DataType.Name(dtype)} "
+                f"shape {shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
+            )
+        arrays[key] = numpy_helper.to_array(tensor)
+    signs = arrays["signs"].T
+    bad = ~np.isin(signs, (-1, 1))
+    if bad.any():
+        raise StructureError(f"patch graph: signs must be -1 or +1, found {int(bad.sum())} other values")
+    affine = arrays["affine"]
+    p, c = n_records, n_classes
+    T = affine[: p * c].reshape(p, c, c).transpose(0, 2, 1)
+    return PatchParams(signs=signs, gamma=arrays["half_gamma"] * np.float32(2.0), T=T, t=affine[p * c :])
