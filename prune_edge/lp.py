@@ -6,13 +6,29 @@ Certified bounds over a region need 2 x (C-1) LPs per region; regions are indepe
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
 
 import highspy
 import numpy as np
 import scipy.sparse as sp
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send C-level writes to fd 1 to stderr for a moment, so stdout stays clean for --json."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class RegionLP:
@@ -34,7 +50,8 @@ class RegionLP:
 
     def _solver(self) -> "highspy.Highs":
         if self._highs is None:
-            h = highspy.Highs()
+            with _stdout_to_stderr():  # HiGHS' C++ constructor prints a banner on stdout
+                h = highspy.Highs()
             h.setOptionValue("output_flag", False)
             m, n = self.a_ub.shape
             h.addVars(n, self.bounds[:, 0], self.bounds[:, 1])
@@ -81,11 +98,16 @@ def _bounds_task(task: tuple[RegionLP, np.ndarray]) -> tuple[np.ndarray, np.ndar
     return lower, upper, lp.solves
 
 
-def row_bounds_many(tasks: list[tuple[RegionLP, np.ndarray]], workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def row_bounds_many(
+    tasks: list[tuple[RegionLP, np.ndarray]], workers: int | None = None, progress: bool = False
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Solve each (region LP, specification rows) task; in parallel processes when workers > 1."""
+    from tqdm.auto import tqdm
+
     workers = min(len(tasks), workers or os.cpu_count() or 1)
+    bar = dict(total=len(tasks), desc="region LPs", unit="region", disable=not progress, leave=False)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_bounds_task(t) for t in tasks]
+        return [_bounds_task(t) for t in tqdm(tasks, **bar)]
     # fork: workers inherit the loaded modules and start in milliseconds; they only run HiGHS.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_bounds_task, tasks))
+        return list(tqdm(pool.map(_bounds_task, tasks), **bar))

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .models.nets import PreactNet
 from .lp import row_bounds_many
@@ -168,11 +167,11 @@ def synthesize(
     if config.mode == "prune":
         t1 = time.perf_counter()
         tasks = [(region_lp(regions, members[0]), spec_rows(target, n_classes)) for members, target in plans]
-        bounds = row_bounds_many(tasks, config.lp_workers)
+        bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
         lp_solves = sum(b[2] for b in bounds)
         t_lp = time.perf_counter() - t1
     records: list[RecordData] = []
-    for k, (members, target) in enumerate(tqdm(plans, desc=f"patch ({config.mode})", unit="region", disable=not progress, leave=False)):
+    for k, (members, target) in enumerate(plans):
         rep = members[0]
         if config.mode == "prune":
             lower, upper = _round_outward(bounds[k][0], bounds[k][1])

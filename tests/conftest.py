@@ -1,0 +1,58 @@
+"""Shared fixtures: one real base (mnist5k MLP, seed 0) and real patches, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from prune_edge.basedir import load_base, train_base  # noqa: E402
+from prune_edge.requests import random_forget_ids, write_forget_ids  # noqa: E402
+from prune_edge.synth import SynthConfig  # noqa: E402
+from prune_edge.unlearn import build_point_patch  # noqa: E402
+
+N_FORGET = 20
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prune-edge")
+
+
+@pytest.fixture(scope="session")
+def mlp_base(workdir) -> Path:
+    """The default base: mnist5k, MLP 256-128, seed 0."""
+    out = workdir / "base-mlp"
+    train_base("mnist5k", "mlp", out, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle(mlp_base):
+    return load_base(mlp_base)
+
+
+@pytest.fixture(scope="session")
+def forget_ids(mlp_bundle) -> np.ndarray:
+    return random_forget_ids(len(mlp_bundle.dataset.x_train), N_FORGET, seed=0)
+
+
+@pytest.fixture(scope="session")
+def forget_file(workdir, forget_ids) -> Path:
+    path = workdir / "forget.txt"
+    write_forget_ids(path, forget_ids)
+    return path
+
+
+@pytest.fixture(scope="session")
+def patches(workdir, mlp_bundle, forget_ids) -> dict:
+    """Real patches for the same 20 points in both modes, with their build reports."""
+    out = {}
+    for mode in ("prune", "collapse"):
+        path = workdir / f"forget20-{mode}.pepatch"
+        report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode=mode, seed=0), path, device="cpu", progress=False)
+        out[mode] = (path, report)
+    return out
