@@ -74,7 +74,7 @@ def to_onnx_model(net: PreactNet, input_shape: tuple[int, ...]) -> onnx.ModelPro
     # The exporter reports progress on stdout; keep stdout for our own data (--json).
     with contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
-            _AllOutputs(net),
+            _AllOutputs(net).eval(),
             (example,),
             input_names=[INPUT_NAME],
             output_names=names,

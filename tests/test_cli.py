@@ -1,0 +1,178 @@
+"""The command line: exit codes, one-line errors, nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from prune_edge.cli import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, main
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def _one_line_error(result) -> str:
+    err = result.stderr.strip().splitlines()
+    assert err, "expected an error message on stderr"
+    assert "Traceback" not in result.stderr and result.exception is None or isinstance(result.exception, SystemExit)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        pytest.param("", "at least one", id="empty"),
+        pytest.param("1\n1\n", "duplicate", id="duplicate"),
+        pytest.param("4000\n", r"\[0, 4000\)", id="out-of-range"),
+        pytest.param("-1\n", r"\[0, 4000\)", id="negative"),
+        pytest.param("3.5\n", "integer", id="not-an-int"),
+    ],
+)
+def test_build_patch_refuses_bad_ids(runner, tmp_path, mlp_base, content, match):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(content)
+    out = tmp_path / "p.pepatch"
+    result = runner.invoke(main, ["build-patch", "--base", str(mlp_base), "--forget", str(ids), "--out", str(out)])
+    assert result.exit_code == EXIT_FAILURE
+    line = _one_line_error(result)
+    assert line.startswith("error:") and pytest.importorskip("re").search(match, line)
+    assert not out.exists() and list(tmp_path.iterdir()) == [ids]
+
+
+def test_build_patch_bad_gate_layers_is_usage_error(runner, tmp_path, mlp_base, forget_file):
+    result = runner.invoke(main, ["build-patch", "--base", str(mlp_base), "--forget", str(forget_file),
+                                  "--gate-layers", "last:9", "--out", str(tmp_path / "p.pepatch")])
+    assert result.exit_code == EXIT_USAGE
+    assert "last:K" in result.stderr
+
+
+def test_build_patch_json_and_certify(runner, tmp_path, mlp_base, mlp_bundle):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5\n17\n")
+    out = tmp_path / "two.pepatch"
+    result = runner.invoke(main, ["build-patch", "--base", str(mlp_base), "--forget", str(ids), "--mode", "collapse",
+                                  "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout is exactly one JSON document
+    assert report["points"] == 2 and report["evaluation"]["accuracy"]["forget"]["after"] == 0.0
+    cert = runner.invoke(main, ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(out), "--json"])
+    assert cert.exit_code == 0
+    doc = json.loads(cert.stdout)
+    assert doc["passed"] and [c["name"] for c in doc["patches"][0]["checks"]] == [
+        "format", "integrity", "binding", "structure", "certificate"]
+
+
+def test_certify_refuses_tampered_file(runner, tmp_path, mlp_bundle, patches):
+    patch, _ = patches["prune"]
+    data = bytearray(patch.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.pepatch"
+    bad.write_bytes(bytes(data))
+    result = runner.invoke(main, ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(bad)])
+    assert result.exit_code == EXIT_VERIFY
+    assert "FAIL" in result.stdout
+    assert _one_line_error(result).startswith("error: ")
+    # predict refuses it too: a patch that fails verification is never applied
+    np.save(tmp_path / "x.npy", mlp_bundle.dataset.x_test[:2])
+    pred = runner.invoke(main, ["predict", "--base", str(mlp_bundle.onnx_path), "--patch", str(bad), "--input", str(tmp_path / "x.npy")])
+    assert pred.exit_code == EXIT_VERIFY and pred.stdout == ""
+
+
+def test_certify_refuses_other_base(runner, tmp_path, mlp_bundle, patches):
+    other = tmp_path / "other.onnx"
+    import onnx
+
+    model = onnx.load(str(mlp_bundle.onnx_path))
+    model.graph.initializer[0].float_data.extend([])  # same graph ...
+    model.doc_string = "a different file"  # ... but different bytes
+    onnx.save(model, str(other))
+    result = runner.invoke(main, ["certify", "--base", str(other), "--patch", str(patches["collapse"][0])])
+    assert result.exit_code == EXIT_VERIFY
+    assert "binding" in _one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        pytest.param(np.zeros((2, 1, 28, 28), np.float64), "float32", id="dtype"),
+        pytest.param(np.zeros((2, 784), np.float32), "shape", id="shape"),
+    ],
+)
+def test_predict_refuses_bad_input(runner, tmp_path, mlp_bundle, array, match):
+    np.save(tmp_path / "x.npy", array)
+    result = runner.invoke(main, ["predict", "--base", str(mlp_bundle.onnx_path), "--input", str(tmp_path / "x.npy")])
+    assert result.exit_code == EXIT_FAILURE
+    assert match in _one_line_error(result)
+
+
+def test_predict_labels_and_logits(runner, tmp_path, mlp_bundle):
+    x = mlp_bundle.dataset.x_test[:5]
+    np.save(tmp_path / "x.npy", x)
+    result = runner.invoke(main, ["predict", "--base", str(mlp_bundle.onnx_path), "--input", str(tmp_path / "x.npy"),
+                                  "--logits-out", str(tmp_path / "l.npy")])
+    assert result.exit_code == 0
+    logits = np.load(tmp_path / "l.npy")
+    assert logits.shape == (5, 10)
+    assert [int(v) for v in result.stdout.split()] == logits.argmax(1).tolist()
+
+
+def test_verify_sample(runner, tmp_path, mlp_bundle, patches, forget_ids):
+    patch, _ = patches["prune"]
+    ds = mlp_bundle.dataset
+    i = int(forget_ids[0])
+    np.save(tmp_path / "s.npy", ds.x_train[i])
+    args = ["verify-sample", "--base", str(mlp_bundle.onnx_path), "--patch", str(patch), "--sample", str(tmp_path / "s.npy"), "--json"]
+    result = runner.invoke(main, args + ["--label", str(int(ds.y_train[i]))])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["forgotten"] and doc["covered_by"] and doc["covered_by"][0]["gate"] > 0.99
+    # a retained point is not forgotten and no gate covers it
+    keep = next(j for j in range(len(ds.x_train)) if j not in set(forget_ids.tolist()))
+    np.save(tmp_path / "s.npy", ds.x_train[keep])
+    result = runner.invoke(main, args + ["--label", str(int(ds.y_train[keep]))])
+    assert result.exit_code == EXIT_FAILURE
+    assert json.loads(result.stdout)["covered_by"] == []
+
+
+def test_inspect(runner, patches):
+    patch, report = patches["collapse"]
+    result = runner.invoke(main, ["inspect", str(patch), "--json"])
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["manifest"]["patch_id"] == report["patch_id"] and doc["manifest"]["mode"] == "collapse"
+    assert "id_commitments" in doc["manifest"]["request"] and "ids" not in doc["manifest"]["request"]
+    with zipfile.ZipFile(patch) as zf:
+        assert sorted(zf.namelist()) == ["manifest.json", "patch.onnx"]
+
+
+def test_dataset_export_roundtrip(runner, tmp_path):
+    out = tmp_path / "digits.npz"
+    result = runner.invoke(main, ["dataset", "export", "digits", "--out", str(out), "--json"])
+    assert result.exit_code == 0
+    from prune_edge.data import load_dataset
+
+    a, b = load_dataset("digits"), load_dataset(str(out))
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+
+
+def test_dataset_export_bad_name(runner, tmp_path):
+    result = runner.invoke(main, ["dataset", "export", "no-such-data", "--out", str(tmp_path / "x.npz")])
+    assert result.exit_code == EXIT_FAILURE
+    assert _one_line_error(result).startswith("error:")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_train_base_cuda_without_gpu_is_usage_error(runner, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = runner.invoke(main, ["train-base", "--device", "cuda", "--out", str(tmp_path / "b")])
+    assert result.exit_code == EXIT_USAGE
+    assert not (tmp_path / "b").exists()
