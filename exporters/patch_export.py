@@ -18,7 +18,7 @@ import numpy as np
 from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
 from ..runtime.manifest import GatedTensor, Manifest, Record
 from ..runtime.patchfile import pack
-from ..runtime.patchgraph import PatchParams, build_patch_graph
+from ..runtime.patchgraph import PatchParams, build_patch_graph, form_of
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,14 @@ def build_patch(
         )
         for c in certs
     )
+    form = form_of(params)
     draft = Manifest(
-        patch_id=patch_id, created=_created(), mode=mode, base_sha256=base.sha256, base_opset=base.opset,
+        patch_id=patch_id, created=_created(), mode=mode, form=form, base_sha256=base.sha256, base_opset=base.opset,
         base_ir_version=base.ir_version, logits_name=base.logits_name, n_classes=base.n_classes,
         gated=tuple(base.gated), graph_sha256="0" * 64, graph_bytes=0, q_lower=float(q_lower),
         q_upper=float(q_upper), records=records, request=dict(request),
     )
-    graph = build_patch_graph(draft.prefix, draft.gated, draft.logits_name, params, base.opset, base.ir_version)
+    graph = build_patch_graph(draft.prefix, draft.gated, draft.logits_name, params, base.opset, base.ir_version, form)
     graph_bytes = graph.SerializeToString()
     manifest = Manifest(**{**draft.__dict__, "graph_sha256": sha256_bytes(graph_bytes), "graph_bytes": len(graph_bytes)})
     # Round-trip through the strict reader: the server never writes what a device would refuse.

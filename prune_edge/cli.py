@@ -331,5 +331,10 @@ def demo(out: str, points: int, mode: str, seed: int, device: str, as_json: bool
         click.echo(result["table"])
 
 
+from .bench import bench  # noqa: E402  (torch is imported only when the command runs)
+
+main.add_command(bench)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -21,6 +21,7 @@ from .errors import PatchFormatError
 FORMAT_NAME = "prune-edge-patch"
 FORMAT_VERSION = 1
 MODES = ("prune", "collapse")
+FORMS = ("shift", "collapse", "affine")  # graph forms, see patchgraph
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_./:-]{1,128}$")
 _PATCH_ID = re.compile(r"^[0-9a-f]{16,64}$")
@@ -117,6 +118,7 @@ class Manifest:
     patch_id: str
     created: str
     mode: str
+    form: str
     base_sha256: str
     base_opset: int
     base_ir_version: int
@@ -149,6 +151,7 @@ class Manifest:
             "patch_id": self.patch_id,
             "created": self.created,
             "mode": self.mode,
+            "form": self.form,
             "base": {
                 "sha256": self.base_sha256,
                 "opset": self.base_opset,
@@ -183,7 +186,7 @@ class Manifest:
             raise _fail(w, "an object", doc)
         _only_keys(
             doc,
-            {"format", "format_version", "patch_id", "created", "mode", "base", "inputs", "n_classes",
+            {"format", "format_version", "patch_id", "created", "mode", "form", "base", "inputs", "n_classes",
              "graph", "specification", "records", "request", "chain"},
             w,
         )
@@ -199,6 +202,9 @@ class Manifest:
         mode = _get(doc, "mode", str, w)
         if mode not in MODES:
             raise _fail(f"{w}.mode", f"one of {MODES}", mode)
+        form = _get(doc, "form", str, w)
+        if form not in FORMS:
+            raise _fail(f"{w}.form", f"one of {FORMS}", form)
         base = _get(doc, "base", dict, w)
         _only_keys(base, {"sha256", "opset", "ir_version"}, f"{w}.base")
         base_sha = _get(base, "sha256", str, f"{w}.base")
@@ -253,6 +259,7 @@ class Manifest:
             patch_id=patch_id,
             created=created,
             mode=mode,
+            form=form,
             base_sha256=base_sha,
             base_opset=_get(base, "opset", int, f"{w}.base"),
             base_ir_version=_get(base, "ir_version", int, f"{w}.base"),

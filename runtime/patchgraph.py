@@ -4,7 +4,12 @@ A patch file holding P records computes, from base tensors only::
 
     z      = concat(flatten(z_l) for each gated tensor)             (N, M)
     gate   = relu(1 - gamma/2 * (|z|_1 - z @ S^T))                 (N, P)   S: signs in {-1, +1}
-    out    = f + [gate (x) f, gate] @ W                             (N, C)   W = [T_1^T..T_P^T; t_1..t_P]
+    out    = f + sum_k gate_k (T_k f + t_k)                         (N, C)
+
+The correction has three forms, named in the manifest, so the common cases cost one small product:
+``shift`` (every T_k = 0: PRUNE with alpha = 1)        out = f + gate @ t
+``collapse`` (every T_k = -I: alpha = 0)               out = f + gate @ t - rowsum(gate) * f
+``affine`` (anything else)                             out = f + [gate (x) f, gate] @ [T_1^T..T_P^T; t]
 
 ``(|z|_1 - z.s)/2`` is the summed sign violation sum_i relu(-s_i z_i), so all P gates cost one MatMul
 and all corrections one more (method note, section 2). The server builds this graph with
@@ -25,6 +30,7 @@ from .errors import StructureError
 from .manifest import GatedTensor
 
 PRODUCER = "prune-edge"
+FORMS = ("shift", "collapse", "affine")
 OUTPUT_SUFFIX = "logits"
 BATCH_DIM = "N"
 
@@ -47,12 +53,18 @@ def completed_spec(target: int, n_classes: int) -> np.ndarray:
 def affine_from_scales(
     target: int, alpha: np.ndarray, beta: np.ndarray, mean_scale: float, mean_shift: float, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PRUNE's closed form: ``T = Pbar^-1 diag(a) Pbar - I``, ``t = Pbar^-1 b`` (float64)."""
+    """PRUNE's closed form: ``T = Pbar^-1 diag(a) Pbar - I = Pbar^-1 (diag(a) - I) Pbar``,
+    ``t = Pbar^-1 b`` (float64). Written the second way, a = 1 gives T = 0 exactly and a = 0 gives
+    T = -I exactly, so the cheap graph forms apply without round-off."""
     pbar = completed_spec(target, n_classes)
     inv = np.linalg.inv(pbar)
     a = np.append(np.asarray(alpha, float), mean_scale)
     b = np.append(np.asarray(beta, float), mean_shift)
-    return inv @ np.diag(a) @ pbar - np.eye(n_classes), inv @ b
+    if not a.any():
+        T = -np.eye(n_classes)
+    else:
+        T = inv @ np.diag(a - 1.0) @ pbar
+    return T, inv @ b
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -80,10 +92,18 @@ class PatchParams:
         return int(self.t.shape[1])
 
 
+def form_of(params: PatchParams) -> str:
+    """The cheapest graph form that represents these parameters exactly."""
+    if not params.T.any():
+        return "shift"
+    eye = np.broadcast_to(-np.eye(params.n_classes, dtype=np.float32), params.T.shape)
+    return "collapse" if np.array_equal(params.T, eye) else "affine"
+
+
 def _names(prefix: str) -> dict[str, str]:
     keys = ["signs", "half_gamma", "affine", "one", "axis1", "axis2", "flat_shape", "z", "abs", "l1",
             "signs_f", "zs", "viol2", "scaled", "open", "gate", "gate3", "f3", "gf3", "gf", "feat",
-            "correction", OUTPUT_SUFFIX]
+            "shift", "mass", "mass_f", "correction", OUTPUT_SUFFIX]
     return {k: prefix + k for k in keys}
 
 
@@ -97,20 +117,30 @@ def gate_name(prefix: str) -> str:
     return prefix + "gate"
 
 
-def _initializers(prefix: str, params: PatchParams) -> list[TensorProto]:
-    n = _names(prefix)
+def _affine_matrix(params: PatchParams, form: str) -> np.ndarray:
+    if form in ("shift", "collapse"):
+        return params.t
     p, c = params.n_records, params.n_classes
-    # W rows: k*C + j holds T_k[:, j] (so (gate (x) f) @ W = sum_k g_k T_k f); then t_k rows.
-    affine = np.concatenate([params.T.transpose(0, 2, 1).reshape(p * c, c), params.t], axis=0)
+    # rows k*C + j hold T_k[:, j] (so (gate (x) f) @ W = sum_k g_k T_k f); then the t_k rows.
+    return np.concatenate([params.T.transpose(0, 2, 1).reshape(p * c, c), params.t], axis=0)
+
+
+def _affine_shape(form: str, p: int, c: int) -> tuple[int, int]:
+    return (p, c) if form in ("shift", "collapse") else (p * (c + 1), c)
+
+
+def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorProto]:
+    n = _names(prefix)
     arrays = {
         "signs": np.ascontiguousarray(params.signs.T),  # (M, P) int8; cast once, folded at load
         "half_gamma": (params.gamma * np.float32(0.5)).astype(np.float32),
-        "affine": affine.astype(np.float32),
+        "affine": _affine_matrix(params, form).astype(np.float32),
         "one": np.array(1.0, np.float32),
         "axis1": np.array([1], np.int64),
-        "axis2": np.array([2], np.int64),
-        "flat_shape": np.array([0, p * c], np.int64),
     }
+    if form == "affine":
+        arrays["axis2"] = np.array([2], np.int64)
+        arrays["flat_shape"] = np.array([0, params.n_records * params.n_classes], np.int64)
     return [numpy_helper.from_array(v, n[k]) for k, v in arrays.items()]
 
 
@@ -121,8 +151,11 @@ def build_patch_graph(
     params: PatchParams,
     opset: int,
     ir_version: int,
+    form: str,
 ) -> onnx.ModelProto:
     """The canonical patch graph for these parameters (deterministic: same inputs, same bytes)."""
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
     n = _names(prefix)
     c = params.n_classes
     m = sum(g.size for g in gated)
@@ -144,32 +177,46 @@ def build_patch_graph(
         helper.make_node("Mul", [n["viol2"], n["half_gamma"]], [n["scaled"]], name=n["scaled"]),
         helper.make_node("Sub", [n["one"], n["scaled"]], [n["open"]], name=n["open"]),
         helper.make_node("Relu", [n["open"]], [n["gate"]], name=n["gate"]),
-        helper.make_node("Unsqueeze", [n["gate"], n["axis2"]], [n["gate3"]], name=n["gate3"]),
-        helper.make_node("Unsqueeze", [logits_name, n["axis1"]], [n["f3"]], name=n["f3"]),
-        helper.make_node("Mul", [n["gate3"], n["f3"]], [n["gf3"]], name=n["gf3"]),
-        helper.make_node("Reshape", [n["gf3"], n["flat_shape"]], [n["gf"]], name=n["gf"]),
-        helper.make_node("Concat", [n["gf"], n["gate"]], [n["feat"]], axis=1, name=n["feat"]),
-        helper.make_node("MatMul", [n["feat"], n["affine"]], [n["correction"]], name=n["correction"]),
-        helper.make_node("Add", [logits_name, n["correction"]], [n[OUTPUT_SUFFIX]], name=n[OUTPUT_SUFFIX]),
     ]
+    if form == "affine":
+        nodes += [
+            helper.make_node("Unsqueeze", [n["gate"], n["axis2"]], [n["gate3"]], name=n["gate3"]),
+            helper.make_node("Unsqueeze", [logits_name, n["axis1"]], [n["f3"]], name=n["f3"]),
+            helper.make_node("Mul", [n["gate3"], n["f3"]], [n["gf3"]], name=n["gf3"]),
+            helper.make_node("Reshape", [n["gf3"], n["flat_shape"]], [n["gf"]], name=n["gf"]),
+            helper.make_node("Concat", [n["gf"], n["gate"]], [n["feat"]], axis=1, name=n["feat"]),
+            helper.make_node("MatMul", [n["feat"], n["affine"]], [n["correction"]], name=n["correction"]),
+        ]
+    elif form == "collapse":
+        nodes += [
+            helper.make_node("MatMul", [n["gate"], n["affine"]], [n["shift"]], name=n["shift"]),
+            helper.make_node("ReduceSum", [n["gate"], n["axis1"]], [n["mass"]], keepdims=1, name=n["mass"]),
+            helper.make_node("Mul", [n["mass"], logits_name], [n["mass_f"]], name=n["mass_f"]),
+            helper.make_node("Sub", [n["shift"], n["mass_f"]], [n["correction"]], name=n["correction"]),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", [n["gate"], n["affine"]], [n["correction"]], name=n["correction"]))
+    nodes.append(helper.make_node("Add", [logits_name, n["correction"]], [n[OUTPUT_SUFFIX]], name=n[OUTPUT_SUFFIX]))
     inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]
     inputs.append(helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [BATCH_DIM, c]))
     outputs = [helper.make_tensor_value_info(n[OUTPUT_SUFFIX], TensorProto.FLOAT, [BATCH_DIM, c])]
-    graph = helper.make_graph(nodes, prefix + "graph", inputs, outputs, _initializers(prefix, params))
+    graph = helper.make_graph(nodes, prefix + "graph", inputs, outputs, _initializers(prefix, params, form))
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, ir_version=ir_version
     )
     return model
 
 
-def extract_params(model: onnx.ModelProto, prefix: str, n_records: int, gated_size: int, n_classes: int) -> PatchParams:
+def extract_params(
+    model: onnx.ModelProto, prefix: str, n_records: int, gated_size: int, n_classes: int, form: str
+) -> PatchParams:
     """Read the parameters of a received graph by their canonical names; shapes and dtypes must fit."""
     n = _names(prefix)
     inits = {t.name: t for t in model.graph.initializer}
     expected = {
         "signs": (TensorProto.INT8, (gated_size, n_records)),
         "half_gamma": (TensorProto.FLOAT, (n_records,)),
-        "affine": (TensorProto.FLOAT, (n_records * (n_classes + 1), n_classes)),
+        "affine": (TensorProto.FLOAT, _affine_shape(form, n_records, n_classes)),
     }
     arrays = {}
     for key, (dtype, shape) in expected.items():
@@ -190,5 +237,9 @@ def extract_params(model: onnx.ModelProto, prefix: str, n_records: int, gated_si
         raise StructureError(f"patch graph: signs must be -1 or +1, found {int(bad.sum())} other values")
     affine = arrays["affine"]
     p, c = n_records, n_classes
-    T = affine[: p * c].reshape(p, c, c).transpose(0, 2, 1)
-    return PatchParams(signs=signs, gamma=arrays["half_gamma"] * np.float32(2.0), T=T, t=affine[p * c :])
+    if form == "affine":
+        T, t = affine[: p * c].reshape(p, c, c).transpose(0, 2, 1), affine[p * c :]
+    else:
+        T = np.zeros((p, c, c), np.float32) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), (p, c, c))
+        t = affine
+    return PatchParams(signs=signs, gamma=arrays["half_gamma"] * np.float32(2.0), T=T, t=t)

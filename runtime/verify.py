@@ -103,8 +103,8 @@ def check_structure(patch: PatchFile, source: str) -> tuple[onnx.ModelProto, Pat
         model = onnx.load_from_string(patch.graph_bytes)
     except Exception as exc:
         raise StructureError(f"{source}: patch graph expected ONNX, found undecodable bytes ({exc})") from None
-    params = extract_params(model, m.prefix, len(m.records), m.gated_size, m.n_classes)
-    canonical = build_patch_graph(m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version)
+    params = extract_params(model, m.prefix, len(m.records), m.gated_size, m.n_classes, m.form)
+    canonical = build_patch_graph(m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
     if model != canonical:
         raise StructureError(f"{source}: patch graph is not the canonical gated-affine graph: {_first_difference(canonical, model)}")
     return model, params

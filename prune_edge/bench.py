@@ -1,0 +1,189 @@
+"""``prune-edge bench``: cost of PRUNE patches against retraining, measured side by side in one run.
+
+Reports (table on stdout, ``bench.json`` and ``bench.png`` in --out):
+- build seconds per request (prune and collapse) vs retraining the same base without the forget set
+  (same seed and recipe, same machine, same process);
+- patch bytes vs base bytes;
+- onnxruntime latency of base vs base+patches at batch 1 and 256 for several patch sizes.
+Goals (from the issue) are printed beside the measurements; nothing here is hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+GOALS = {
+    "collapse_speedup": 1000.0,
+    "prune_speedup": 10.0,
+    "patch_to_base_20": 0.01,
+    "latency_ratio_256_100": 1.25,
+    "latency_ratio_256_1000": 2.0,
+}
+
+
+def run_bench(
+    out: Path,
+    points: int = 20,
+    latency_patches: tuple[int, ...] = (1, 20, 100, 1000),
+    seed: int = 0,
+    device: str = "auto",
+    base_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every measurement and return the JSON-able results."""
+    import onnxruntime as ort
+    import torch
+
+    from .basedir import load_base, train_base
+    from .latency import compare_latency
+    from .requests import random_forget_ids
+    from .runtime.model import PatchedModel
+    from .synth import SynthConfig
+    from .train import fit
+    from .unlearn import build_point_patch
+
+    out.mkdir(parents=True, exist_ok=True)
+    if base_dir is None:
+        base_dir = out / "base-mlp"
+        train_base("mnist5k", "mlp", base_dir, seed=seed, device=device, progress=progress)
+    bundle = load_base(base_dir)
+    ds = bundle.dataset
+    ids = random_forget_ids(len(ds.x_train), points, seed)
+    keep = np.setdiff1d(np.arange(len(ds.x_train)), ids)
+
+    # Retrain from scratch without the forget set: the gold standard and the cost to beat.
+    _, retrain_stats = fit(ds.x_train[keep], ds.y_train[keep], ds.n_classes, bundle.train_config, device=device,
+                           progress=progress, desc="retrain")
+    retrain_seconds = retrain_stats["training_seconds"]
+
+    builds: dict[str, Any] = {}
+    for mode in ("collapse", "prune"):
+        path = out / f"forget{points}-{mode}.pepatch"
+        t0 = time.perf_counter()
+        report = build_point_patch(bundle, ids, SynthConfig(mode=mode, seed=seed), path, device=device,
+                                   progress=progress, evaluate=False)
+        wall = time.perf_counter() - t0
+        builds[mode] = {
+            "build_seconds": report["build_seconds"],
+            "wall_seconds_with_io": wall,
+            "speedup_vs_retrain": retrain_seconds / report["build_seconds"],
+            "patch_bytes": report["patch_bytes"],
+            "patch_to_base": report["patch_to_base"],
+            "records": report["records"],
+            "lp_solves": report["synthesis"]["lp_solves"],
+            "lp_seconds": report["synthesis"]["lp_seconds"],
+        }
+
+    base_model = PatchedModel(bundle.onnx_path)
+    latency = []
+    for count in latency_patches:
+        count = min(count, len(ds.x_train))
+        path = out / f"latency-{count}.pepatch"
+        build_point_patch(bundle, random_forget_ids(len(ds.x_train), count, seed + count), SynthConfig(mode="collapse", seed=seed),
+                          path, device=device, progress=False, evaluate=False)
+        patched = PatchedModel(bundle.onnx_path, [path])
+        for batch in (1, 256):
+            row = compare_latency(base_model, patched, ds.x_test[:batch])
+            latency.append({"patches": count, "mode": "collapse", **row})
+    prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"])
+    for batch in (1, 256):
+        latency.append({"patches": points, "mode": "prune", **compare_latency(base_model, prune_model, ds.x_test[:batch])})
+
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "device": retrain_stats["device"],
+        },
+        "base": {"path": str(base_dir), "bytes": bundle.onnx_path.stat().st_size,
+                 "training_seconds_card": bundle.card["training"]["training_seconds"]},
+        "points": points,
+        "retrain_seconds": retrain_seconds,
+        "builds": builds,
+        "latency": latency,
+        "goals": GOALS,
+    }
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "bench.png")
+    return results
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["retrain"] + [f"patch ({m})" for m in results["builds"]]
+    secs = [results["retrain_seconds"]] + [b["build_seconds"] for b in results["builds"].values()]
+    ax1.bar(names, secs, color=["#888", "#2a7", "#27a"])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("seconds (log)")
+    ax1.set_title(f"Forgetting {results['points']} points")
+    for batch, marker in ((1, "o"), (256, "s")):
+        rows = [r for r in results["latency"] if r["batch"] == batch and r["mode"] == "collapse"]
+        ax2.plot([r["patches"] for r in rows], [r["ratio"] for r in rows], marker=marker, label=f"batch {batch}")
+    ax2.axhline(1.0, color="#888", lw=0.8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("point patches")
+    ax2.set_ylabel("latency base+patches / base")
+    ax2.set_title("onnxruntime latency")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    from .cli import _table
+
+    g = r["goals"]
+    rows = [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", "")]
+    for mode, b in r["builds"].items():
+        goal = g[f"{mode}_speedup"]
+        rows.append((f"build {mode} patch ({r['points']} points)", f"{b['build_seconds']:.3f} s",
+                     f"{b['speedup_vs_retrain']:.1f}x faster than retrain (goal >= {goal:g}x)"))
+    for mode, b in r["builds"].items():
+        rows.append((f"{mode} patch bytes", f"{b['patch_bytes']} B",
+                     f"{100 * b['patch_to_base']:.2f}% of base {r['base']['bytes']} B (goal <= {100 * g['patch_to_base_20']:g}%)"))
+    for l in r["latency"]:
+        goal = {100: g["latency_ratio_256_100"], 1000: g["latency_ratio_256_1000"]}.get(l["patches"]) if l["batch"] == 256 and l["mode"] == "collapse" else None
+        rows.append((f"latency batch {l['batch']}, {l['patches']} {l['mode']} patches",
+                     f"{l['base_ms']:.3f} -> {l['patched_ms']:.3f} ms",
+                     f"{l['ratio']:.2f}x" + (f" (goal <= {goal:g}x)" if goal else "")))
+    return _table(rows, header=("measurement", "value", "ratio"))
+
+
+@click.command()
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--base", "base_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Existing base folder (default: train the mnist5k MLP into --out).")
+@click.option("--points", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--latency-patches", default="1,20,100,1000", show_default=True, help="Patch sizes for the latency sweep.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(out: str, base_dir: str | None, points: int, latency_patches: str, seed: int, device: str, as_json: bool) -> None:
+    """Benchmark patches against retraining: build time, bytes, onnxruntime latency (table, JSON, plot)."""
+    try:
+        sizes = tuple(int(v) for v in latency_patches.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers", param_hint="--latency-patches") from None
+    results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(format_table(results))
+        click.echo(f"\nwrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}", err=True)
