@@ -96,8 +96,11 @@ def compute_regions(net: PreactNet, x: np.ndarray, start: int, device: str | tor
     h_nat = net64.features(xt, start)
     feat_shape = tuple(h_nat.shape[1:])
     d = int(np.prod(feat_shape))
-    basis = torch.eye(d, dtype=torch.float64, device=dev).reshape(d, *feat_shape)
-    first = _linear_part(net64.layers[start], basis)  # (D, *out): shared by all points
+    first_layer = net64.layers[start]
+    if isinstance(first_layer, torch.nn.Linear):  # (D, out): shared by all points
+        first = first_layer.weight.T.contiguous()
+    else:  # a conv's Jacobian: the layer applied to the standard basis
+        first = _linear_part(first_layer, torch.eye(d, dtype=torch.float64, device=dev).reshape(d, *feat_shape))
     jz_parts, jf_parts, out_parts = [], [], []
     for i in range(0, len(xt), chunk):
         h = h_nat[i : i + chunk]

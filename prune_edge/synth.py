@@ -151,14 +151,25 @@ def synthesize(
     start = parse_gate_layers(config.gate_layers, net.n_hidden)
     rng = np.random.default_rng(config.seed)
     x_forget = x_train[forget_ids]
-    regions: Regions = compute_regions(net, x_forget, start, device=device)
+    if config.mode == "prune":
+        # PRUNE needs each region's affine map and constraints (float64) for its LPs.
+        regions: Regions | None = compute_regions(net, x_forget, start, device=device)
+        signs = regions.signs
+        logits = regions.off_f.numpy() + np.einsum("bcd,bd->bc", regions.jac_f.numpy(), regions.h.numpy())
+    else:
+        # Collapse needs no LP, hence no Jacobian: the pattern and logits of one forward pass.
+        regions = None
+        with torch.no_grad():
+            preacts, out = net.forward_all(torch.from_numpy(x_forget))
+        z = torch.cat([p.flatten(1) for p in preacts[start:]], dim=1).numpy()
+        signs = np.where(z > 0, 1, -1).astype(np.int8)
+        logits = out.numpy().astype(np.float64)
     t_regions = time.perf_counter() - t0
     # Points with the same pattern share one region, hence one record.
     groups: dict[bytes, list[int]] = {}
-    for i, s in enumerate(regions.signs):
+    for i, s in enumerate(signs):
         groups.setdefault(s.tobytes(), []).append(i)
-    preds = regions.off_f.numpy() + np.einsum("bcd,bd->bc", regions.jac_f.numpy(), regions.h.numpy())
-    preds = preds.argmax(1)
+    preds = logits.argmax(1)
     plans = []
     for members in groups.values():
         forbidden = {int(y_train[forget_ids[i]]) for i in members} | {int(preds[i]) for i in members}
@@ -181,12 +192,11 @@ def synthesize(
             lower = upper = None
             alpha = np.zeros(n_classes - 1)
             beta = np.full(n_classes - 1, config.q_upper)
-            rep_logits = regions.off_f[rep].numpy() + regions.jac_f[rep].numpy() @ regions.h[rep].numpy()
-            mean_scale, mean_shift = 0.0, float(np.round(rep_logits.mean(), 6))
+            mean_scale, mean_shift = 0.0, float(np.round(logits[rep].mean(), 6))
         T, t = affine_from_scales(target, alpha, beta, mean_scale, mean_shift, n_classes)
         records.append(
             RecordData(
-                signs=regions.signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha, beta=beta,
+                signs=signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha, beta=beta,
                 mean_scale=mean_scale, mean_shift=mean_shift, lower=lower, upper=upper, T=T, t=t,
                 members=list(members), nearest_violation=float("nan"),
             )
@@ -202,11 +212,11 @@ def synthesize(
         "gate_seconds": t_end - t_gates,
         "records": len(records),
         "points": int(len(forget_ids)),
-        "gated_values": regions.n_gated,
+        "gated_values": int(signs.shape[1]),
         "gate_start_layer": start,
         "unavoidable_overlaps": overlaps,
     }
-    return SynthResult(records=records, start=start, n_gated=regions.n_gated, stats=stats)
+    return SynthResult(records=records, start=start, n_gated=int(signs.shape[1]), stats=stats)
 
 
 def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, records: list[RecordData], start: int, config: SynthConfig) -> int:
