@@ -53,6 +53,7 @@ class RegionLP:
             with _stdout_to_stderr():  # HiGHS' C++ constructor prints a banner on stdout
                 h = highspy.Highs()
             h.setOptionValue("output_flag", False)
+            h.setOptionValue("simplex_scale_strategy", 0)  # measured ~25% fewer iterations here
             m, n = self.a_ub.shape
             h.addVars(n, self.bounds[:, 0], self.bounds[:, 1])
             a = sp.csr_matrix(self.a_ub)

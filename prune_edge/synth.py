@@ -22,7 +22,7 @@ import torch
 from .models.nets import PreactNet
 from .lp import row_bounds_many
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
-from .runtime.patchgraph import PatchParams, affine_from_scales, spec_rows
+from .runtime.patchgraph import PatchParams, affine_from_scales, dead_zone, spec_rows
 
 MODES = ("prune", "collapse")
 
@@ -125,9 +125,11 @@ def gated_preacts(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) 
 
 
 def violations(z: torch.Tensor, signs: np.ndarray) -> torch.Tensor:
-    """(N, P) summed sign violations sum_i relu(-s_i z_i), computed as the device does: (|z|_1 - z s)/2."""
+    """(N, P) effective sign violations exactly as the device computes them (float32):
+    relu((1 - rho)|z|_1 - z s) / 2, i.e. sum_i relu(-s_i z_i) less the rounding dead zone."""
     s = torch.from_numpy(signs.astype(np.float32)).T
-    return (z.abs().sum(1, keepdim=True) - z @ s) / 2
+    keep = torch.tensor(1.0 - dead_zone(signs.shape[1]), dtype=torch.float32)
+    return torch.relu(z.abs().sum(1, keepdim=True) * keep - z @ s) / 2
 
 
 def choose_target(rng: np.random.Generator, forbidden: set[int], n_classes: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def unpack(data: bytes, source: str = "patch") -> PatchFile:
         raise PatchFormatError(f"{source}: expected at most {MAX_PATCH_BYTES} bytes, found {len(data)}")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, zlib.error, NotImplementedError) as exc:
         raise PatchFormatError(f"{source}: expected a patch file (zip container), found unreadable bytes ({exc})") from None
     with zf:
         infos = zf.infolist()
@@ -74,7 +75,7 @@ def unpack(data: bytes, source: str = "patch") -> PatchFile:
         try:
             manifest_raw = zf.read(MANIFEST_NAME)
             graph = zf.read(GRAPH_NAME)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, zlib.error, NotImplementedError) as exc:
             raise PatchFormatError(f"{source}: container is corrupt ({exc})") from None
     try:
         envelope = json.loads(manifest_raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -87,12 +88,19 @@ def unpack(data: bytes, source: str = "patch") -> PatchFile:
     if not isinstance(signatures, list) or signatures:
         # The slot exists from format 1 on; signed patches need a trust store (a later format).
         raise PatchFormatError(f"{source}: expected an empty signatures list in format 1, found {signatures!r:.60}")
-    manifest = Manifest.from_json(envelope["signed"])
+    try:
+        manifest = Manifest.from_json(envelope["signed"])
+    except PatchFormatError as exc:
+        raise PatchFormatError(f"{source}: {exc}") from None
     if len(graph) != manifest.graph_bytes or sha256_bytes(graph) != manifest.graph_sha256:
         raise IntegrityError(
             f"{source}: {GRAPH_NAME} expected sha256 {manifest.graph_sha256[:16]}... ({manifest.graph_bytes} bytes), "
             f"found {sha256_bytes(graph)[:16]}... ({len(graph)} bytes)"
         )
+    # One patch, one byte string: zip fields the reader would otherwise ignore (timestamps, padding,
+    # trailing junk) must be exactly what the writer produces.
+    if pack(manifest, graph, signatures) != data:
+        raise PatchFormatError(f"{source}: expected the canonical container encoding, found extra or altered zip fields")
     return PatchFile(manifest=manifest, graph_bytes=graph, signatures=tuple(signatures), size=len(data))
 
 

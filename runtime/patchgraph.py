@@ -3,7 +3,8 @@
 A patch file holding P records computes, from base tensors only::
 
     z      = concat(flatten(z_l) for each gated tensor)             (N, M)
-    gate   = relu(1 - gamma/2 * (|z|_1 - z @ S^T))                 (N, P)   S: signs in {-1, +1}
+    excess = relu((1 - rho) |z|_1 - z @ S^T)                        (N, P)   S: signs in {-1, +1}
+    gate   = relu(1 - gamma/2 * excess)                             (N, P)
     out    = f + sum_k gate_k (T_k f + t_k)                         (N, C)
 
 The correction has three forms, named in the manifest, so the common cases cost one small product:
@@ -12,7 +13,10 @@ The correction has three forms, named in the manifest, so the common cases cost 
 ``affine`` (anything else)                             out = f + [gate (x) f, gate] @ [T_1^T..T_P^T; t]
 
 ``(|z|_1 - z.s)/2`` is the summed sign violation sum_i relu(-s_i z_i), so all P gates cost one MatMul
-and all corrections one more (method note, section 2). The server builds this graph with
+and all corrections one more (method note, section 2). On a record's own region the two float32 sums
+are equal in exact arithmetic but not after rounding; ``rho`` (:func:`dead_zone`, fixed by M, not a
+parameter) is a bound on that relative rounding error, so the excess is exactly 0 and the gate exactly
+1 on the region, whatever gamma is. The server builds this graph with
 :func:`build_patch_graph`; the device rebuilds it from the received parameters and the manifest and
 demands equality, so a patch file can only ever be this structure. Where every gate is 0 the correction
 is an exact 0, so the output equals the base logits bit for bit.
@@ -92,6 +96,12 @@ class PatchParams:
         return int(self.t.shape[1])
 
 
+def dead_zone(gated_size: int) -> float:
+    """rho for M gated values: (3M + 1) float32 unit roundoffs. |z|_1 and z.s each carry a relative
+    summation error below M u, so on the region (1 - rho)|z|_1 - z.s is never positive."""
+    return float((3 * gated_size + 1) * 2.0**-24)
+
+
 def form_of(params: PatchParams) -> str:
     """The cheapest graph form that represents these parameters exactly."""
     if not params.T.any():
@@ -101,8 +111,8 @@ def form_of(params: PatchParams) -> str:
 
 
 def _names(prefix: str) -> dict[str, str]:
-    keys = ["signs", "half_gamma", "affine", "one", "axis1", "axis2", "flat_shape", "z", "abs", "l1",
-            "signs_f", "zs", "viol2", "scaled", "open", "gate", "gate3", "f3", "gf3", "gf", "feat",
+    keys = ["signs", "half_gamma", "affine", "one", "keep", "axis1", "axis2", "flat_shape", "z", "abs", "l1",
+            "l1_kept", "signs_f", "zs", "viol2", "excess", "scaled", "open", "gate", "gate3", "f3", "gf3", "gf", "feat",
             "shift", "mass", "mass_f", "correction", OUTPUT_SUFFIX]
     return {k: prefix + k for k in keys}
 
@@ -136,6 +146,7 @@ def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorPro
         "half_gamma": (params.gamma * np.float32(0.5)).astype(np.float32),
         "affine": _affine_matrix(params, form).astype(np.float32),
         "one": np.array(1.0, np.float32),
+        "keep": np.array(1.0 - dead_zone(params.signs.shape[1]), np.float32),
         "axis1": np.array([1], np.int64),
     }
     if form == "affine":
@@ -173,8 +184,10 @@ def build_patch_graph(
         helper.make_node("ReduceSum", [n["abs"], n["axis1"]], [n["l1"]], keepdims=1, name=n["l1"]),
         helper.make_node("Cast", [n["signs"]], [n["signs_f"]], to=TensorProto.FLOAT, name=n["signs_f"]),
         helper.make_node("MatMul", [n["z"], n["signs_f"]], [n["zs"]], name=n["zs"]),
-        helper.make_node("Sub", [n["l1"], n["zs"]], [n["viol2"]], name=n["viol2"]),
-        helper.make_node("Mul", [n["viol2"], n["half_gamma"]], [n["scaled"]], name=n["scaled"]),
+        helper.make_node("Mul", [n["l1"], n["keep"]], [n["l1_kept"]], name=n["l1_kept"]),
+        helper.make_node("Sub", [n["l1_kept"], n["zs"]], [n["viol2"]], name=n["viol2"]),
+        helper.make_node("Relu", [n["viol2"]], [n["excess"]], name=n["excess"]),
+        helper.make_node("Mul", [n["excess"], n["half_gamma"]], [n["scaled"]], name=n["scaled"]),
         helper.make_node("Sub", [n["one"], n["scaled"]], [n["open"]], name=n["open"]),
         helper.make_node("Relu", [n["open"]], [n["gate"]], name=n["gate"]),
     ]

@@ -1,0 +1,581 @@
+"""Verification of real patch files: every check passes on honest patches, and every kind of damage or
+tampering is refused by the right check, with one line, before anything is composed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import shutil
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+pytest.importorskip("torch")
+
+from prune_edge.basedir import train_base  # noqa: E402
+from prune_edge.runtime import (  # noqa: E402
+    CHECKS,
+    BaseGraph,
+    CertificateError,
+    IncompatibleBaseError,
+    IntegrityError,
+    PatchedModel,
+    PatchFormatError,
+    PatchVerificationError,
+    StructureError,
+    certify_patch,
+    pack,
+    read_patch_file,
+    unpack,
+    verify_patch,
+)
+from prune_edge.runtime.compose import compose  # noqa: E402
+from prune_edge.runtime.fileio import sha256_bytes  # noqa: E402
+from prune_edge.runtime.model import make_session  # noqa: E402
+from prune_edge.runtime.patchgraph import (  # noqa: E402
+    PatchParams,
+    affine_from_scales,
+    build_patch_graph,
+    extract_params,
+    form_of,
+    output_name,
+)
+from prune_edge.runtime.verify import VerifiedPatch  # noqa: E402
+
+MODES = ("prune", "collapse")
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def base(mlp_bundle) -> BaseGraph:
+    return BaseGraph.load(mlp_bundle.onnx_path)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A second base with the same recipe but seed 1: same architecture, different weights."""
+    out = tmp_path_factory.mktemp("other-base") / "base-mlp-seed1"
+    train_base("mnist5k", "mlp", out, seed=1, progress=False)
+    return out / "base.onnx"
+
+
+def parts(path):
+    pf = read_patch_file(path)
+    return pf.manifest, pf.graph_bytes
+
+
+def params_of(manifest, graph_bytes) -> PatchParams:
+    m = manifest
+    return extract_params(onnx.load_from_string(graph_bytes), m.prefix, len(m.records), m.gated_size, m.n_classes, m.form)
+
+
+def canonical_bytes_of(manifest, params: PatchParams, form: str | None = None) -> bytes:
+    m = manifest
+    return build_patch_graph(
+        m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, form or m.form
+    ).SerializeToString()
+
+
+def repack(path, manifest, graph_bytes: bytes, rehash: bool = True, **changes):
+    """Write a patch file with ``changes`` applied to the manifest; by default its graph digest and
+    size are updated to match ``graph_bytes`` (what a tamperer who knows the format would do)."""
+    if rehash:
+        changes = {"graph_sha256": sha256_bytes(graph_bytes), "graph_bytes": len(graph_bytes), **changes}
+    path.write_bytes(pack(dataclasses.replace(manifest, **changes), graph_bytes))
+    return path
+
+
+def replace_record(manifest, k: int, **changes):
+    recs = list(manifest.records)
+    recs[k] = dataclasses.replace(recs[k], **changes)
+    return tuple(recs)
+
+
+def assert_refused(path, base_path, error: type[PatchVerificationError], failed: str, match: str | None = None):
+    """The file is refused by verify_patch, PatchedModel and certify_patch, naming check ``failed``."""
+    base = BaseGraph.load(base_path)
+    with pytest.raises(error, match=match) as info:
+        verify_patch(path, base)
+    msg = str(info.value)
+    assert msg and "\n" not in msg and len(msg) < 500, msg
+    assert info.value.check == failed
+    model = None
+    with pytest.raises(error):
+        model = PatchedModel(base_path, [path])
+    assert model is None
+    report = certify_patch(path, base)
+    assert not report.passed
+    statuses = {c.name: c.status for c in report.checks}
+    assert [c.name for c in report.checks] == list(CHECKS)
+    i = CHECKS.index(failed)
+    assert all(statuses[n] == "pass" for n in CHECKS[:i]), statuses
+    assert statuses[failed] == "fail" and report.failure.name == failed
+    assert all(statuses[n] == "skipped" for n in CHECKS[i + 1 :]), statuses
+    assert report.failure.detail == msg
+    assert report.to_json()["passed"] is False
+    return info.value
+
+
+def expect_any_refusal(fn, original: bytes | None = None):
+    """Run ``fn`` (which verifies the damaged file); it must raise a PatchVerificationError.
+
+    Zip metadata the reader would ignore counts too: the container must be canonical byte for byte.
+    """
+    try:
+        fn()
+    except PatchVerificationError as exc:
+        assert "\n" not in str(exc)
+        return exc
+    pytest.fail("a damaged patch file was accepted")
+
+
+# ----------------------------------------------------------------------------- honest patches pass
+@pytest.mark.parametrize("mode", MODES)
+def test_real_patches_pass_every_check(patches, base, mode):
+    path, _ = patches[mode]
+    report = certify_patch(path, base)
+    assert [(c.name, c.status) for c in report.checks] == [(n, "pass") for n in CHECKS]
+    assert report.passed and report.failure is None
+    assert report.manifest.mode == mode
+    vp = verify_patch(path, base)
+    assert vp.manifest == report.manifest
+    assert vp.manifest.base_sha256 == base.sha256
+    assert vp.params.n_records == len(vp.manifest.records) == len(report.manifest.records) >= 1
+    # The report is JSON-able for the certify command.
+    doc = report.to_json()
+    assert doc["passed"] is True and doc["patch_id"] == vp.manifest.patch_id
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_real_patch_forms(patches, mode):
+    """The manifest's graph form is the cheapest exact one for its parameters."""
+    manifest, graph = parts(patches[mode][0])
+    params = params_of(manifest, graph)
+    assert form_of(params) == manifest.form
+    if mode == "collapse":
+        assert manifest.form == "collapse"
+
+
+# ----------------------------------------------------------------------------- binding
+@pytest.mark.parametrize("mode", MODES)
+def test_patch_for_another_base_is_refused(patches, other_base, mode):
+    path, _ = patches[mode]
+    err = assert_refused(path, other_base, IncompatibleBaseError, "binding", r"bound to base sha256")
+    assert path.name in str(err)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda m: {"gated": (dataclasses.replace(m.gated[0], name="preact_9"), *m.gated[1:])}, r"'preact_9' .*found no such tensor"),
+        (lambda m: {"gated": (dataclasses.replace(m.gated[0], shape=(255,)), *m.gated[1:])}, r"of shape \(N, 255\), found shape \(256,\)"),
+        (lambda m: {"base_opset": m.base_opset - 1}, r"expected base opset"),
+        (lambda m: {"base_sha256": "0" * 64}, r"bound to base sha256 0000"),
+    ],
+    ids=["gated-name", "gated-shape", "opset", "base-sha"],
+)
+def test_binding_manifest_edits_refused(patches, mlp_bundle, tmp_path, change, match):
+    manifest, graph = parts(patches["prune"][0])
+    path = repack(tmp_path / "p.pepatch", manifest, graph, **change(manifest))
+    assert_refused(path, mlp_bundle.onnx_path, IncompatibleBaseError, "binding", match)
+
+
+# ----------------------------------------------------------------------------- damaged files
+def _zip_positions(data: bytes) -> dict[str, int]:
+    """Byte positions of fields that matter in the patch container."""
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    info = {i.filename: i for i in zf.infolist()}
+    pos = {}
+    for short, name in (("manifest", "manifest.json"), ("graph", "patch.onnx")):
+        zi = info[name]
+        name_len, extra_len = struct.unpack("<HH", data[zi.header_offset + 26 : zi.header_offset + 30])
+        start = zi.header_offset + 30 + name_len + extra_len
+        pos[f"{short}-data-first"] = start
+        pos[f"{short}-data-middle"] = start + zi.compress_size // 2
+        # (not the very last bytes: they hold only the end-of-block code, whose corruption zlib
+        # tolerates once all data is out -- the sweep test covers those)
+        pos[f"{short}-data-near-end"] = start + zi.compress_size - 16
+        pos[f"{short}-local-magic"] = zi.header_offset
+        pos[f"{short}-local-name"] = zi.header_offset + 30
+    cd = struct.unpack("<I", data[-22 + 16 : -22 + 20])[0]
+    assert data[cd : cd + 4] == b"PK\x01\x02"
+    entry = cd
+    for _ in range(2):
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[entry + 28 : entry + 34])
+        name = data[entry + 46 : entry + 46 + name_len].decode()
+        short = "manifest" if name == "manifest.json" else "graph"
+        pos[f"{short}-cd-crc"] = entry + 16
+        pos[f"{short}-cd-csize"] = entry + 20
+        pos[f"{short}-cd-size"] = entry + 24
+        pos[f"{short}-cd-offset"] = entry + 42
+        pos[f"{short}-cd-name"] = entry + 46
+        entry += 46 + name_len + extra_len + comment_len
+    pos["eocd-magic"] = len(data) - 22
+    pos["eocd-cd-offset"] = len(data) - 22 + 16
+    pos["eocd-entries"] = len(data) - 22 + 10
+    return pos
+
+
+FLIP_POSITIONS = [
+    "manifest-data-first", "manifest-data-middle", "manifest-data-near-end",
+    "graph-data-first", "graph-data-middle", "graph-data-near-end",
+    "manifest-local-magic", "manifest-local-name", "graph-local-magic", "graph-local-name",
+    "manifest-cd-crc", "graph-cd-crc", "manifest-cd-size", "graph-cd-csize", "graph-cd-offset",
+    "manifest-cd-name", "graph-cd-name", "eocd-magic", "eocd-cd-offset", "eocd-entries",
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", FLIP_POSITIONS)
+def test_flipped_byte_refused(patches, mlp_bundle, tmp_path, mode, where):
+    data = patches[mode][0].read_bytes()
+    i = _zip_positions(data)[where]
+    bad = bytearray(data)
+    bad[i] ^= 0xFF
+    path = tmp_path / "flipped.pepatch"
+    path.write_bytes(bytes(bad))
+    base = BaseGraph.load(mlp_bundle.onnx_path)
+    exc = expect_any_refusal(lambda: verify_patch(path, base), original=data)
+    assert path.name in str(exc) or "manifest" in str(exc)
+    model = None
+    with pytest.raises(PatchVerificationError):
+        model = PatchedModel(mlp_bundle.onnx_path, [path])
+    assert model is None
+    report = certify_patch(path, base)
+    assert not report.passed and report.failure.name in CHECKS
+    assert report.checks[-1].status in ("skipped", "fail")
+
+
+def test_flip_sweep_refuses_every_flip(patches):
+    """Flip every byte of the prune patch, one at a time: every single flip is refused with a
+    PatchVerificationError (never another exception), zip metadata included (canonical container)."""
+    data = patches["prune"][0].read_bytes()
+    accepted = []
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0xFF
+        try:
+            unpack(bytes(bad))
+        except PatchVerificationError:
+            continue
+        accepted.append(i)
+    assert accepted == []
+
+
+@pytest.mark.parametrize("cut", [0, 1, 29, 100, "half", "minus-22", "minus-1"])
+def test_truncated_file_refused(patches, mlp_bundle, tmp_path, cut):
+    data = patches["prune"][0].read_bytes()
+    n = {"half": len(data) // 2, "minus-22": len(data) - 22, "minus-1": len(data) - 1}.get(cut, cut)
+    path = tmp_path / "short.pepatch"
+    path.write_bytes(data[:n])
+    assert_refused(path, mlp_bundle.onnx_path, PatchFormatError, "format")
+
+
+def test_missing_file_refused(mlp_bundle, tmp_path):
+    assert_refused(tmp_path / "absent.pepatch", mlp_bundle.onnx_path, PatchFormatError, "format", r"absent\.pepatch: cannot read")
+
+
+def test_graph_swapped_without_rehash(patches, mlp_bundle, tmp_path):
+    manifest, _ = parts(patches["prune"][0])
+    _, other_graph = parts(patches["collapse"][0])
+    path = repack(tmp_path / "swap.pepatch", manifest, other_graph, rehash=False)
+    assert_refused(path, mlp_bundle.onnx_path, IntegrityError, "integrity", r"patch\.onnx expected sha256")
+
+
+# ----------------------------------------------------------------------------- structure tampering
+def _tamper_append_offset(model: onnx.ModelProto, prefix: str, c: int) -> None:
+    """Add a constant to the output after the gated correction: changes outputs everywhere."""
+    last = model.graph.node[-1]
+    last.output[0] = prefix + "pre"
+    last.name = prefix + "pre"
+    offset = np.zeros(c, np.float32)
+    offset[0] = 50.0
+    model.graph.initializer.append(numpy_helper.from_array(offset, prefix + "offset"))
+    model.graph.node.append(helper.make_node("Add", [prefix + "pre", prefix + "offset"], [output_name(prefix)], name=output_name(prefix)))
+
+
+def _tamper_sum_offset(model: onnx.ModelProto, prefix: str, c: int) -> None:
+    """Replace the final Add by a Sum that also adds a constant initializer."""
+    last = model.graph.node[-1]
+    offset = np.full(c, 3.0, np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(offset, prefix + "offset"))
+    new = helper.make_node("Sum", [*last.input, prefix + "offset"], list(last.output), name=last.name)
+    model.graph.node.remove(last)
+    model.graph.node.append(new)
+
+
+def _tamper_relu_to_identity(model, prefix, c):
+    node = next(n for n in model.graph.node if n.op_type == "Relu")
+    node.op_type = "Identity"
+
+
+def _tamper_keepdims(model, prefix, c):
+    node = next(n for n in model.graph.node if n.op_type == "ReduceSum")
+    node.attribute[0].i = 0
+
+
+def _tamper_unused_initializer(model, prefix, c):
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), prefix + "spare"))
+
+
+def _tamper_signs_zero(model, prefix, c):
+    init = next(i for i in model.graph.initializer if i.name == prefix + "signs")
+    arr = numpy_helper.to_array(init).copy()
+    arr[:5, 0] = 0  # drop five neurons from record 0's region: a larger region than certified
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+
+
+def _tamper_signs_float(model, prefix, c):
+    init = next(i for i in model.graph.initializer if i.name == prefix + "signs")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+
+
+def _tamper_opset(model, prefix, c):
+    model.opset_import[0].version += 1
+
+
+def _tamper_doc_string(model, prefix, c):
+    model.doc_string = "harmless?"
+
+
+def _tamper_swap_nodes(model, prefix, c):
+    nodes = list(model.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.op_type == "Abs")
+    nodes[i], nodes[i + 1] = nodes[i + 1], nodes[i]  # Abs and ReduceSum: still a valid order? no matter
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _tamper_metadata(model, prefix, c):
+    model.metadata_props.append(onnx.StringStringEntryProto(key="k", value="v"))
+
+
+STRUCTURE_TAMPERS = {
+    "append-offset": (_tamper_append_offset, r"not the canonical gated-affine graph"),
+    "sum-offset": (_tamper_sum_offset, r"not the canonical"),
+    "relu-to-identity": (_tamper_relu_to_identity, r"not the canonical"),
+    "reducesum-keepdims": (_tamper_keepdims, r"not the canonical"),
+    "unused-initializer": (_tamper_unused_initializer, r"expected initializers"),
+    "signs-zero": (_tamper_signs_zero, r"signs must be -1 or \+1, found 5 other values"),
+    "signs-float": (_tamper_signs_float, r"expected dtype INT8"),
+    "opset": (_tamper_opset, r"not the canonical"),
+    "doc-string": (_tamper_doc_string, r"not the canonical"),
+    "node-order": (_tamper_swap_nodes, r"not the canonical"),
+    "metadata": (_tamper_metadata, r"not the canonical"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tamper", list(STRUCTURE_TAMPERS))
+def test_structure_tamper_refused(patches, mlp_bundle, tmp_path, mode, tamper):
+    fn, match = STRUCTURE_TAMPERS[tamper]
+    manifest, graph = parts(patches[mode][0])
+    model = onnx.load_from_string(graph)
+    fn(model, manifest.prefix, manifest.n_classes)
+    new = model.SerializeToString()
+    assert new != graph
+    path = repack(tmp_path / "tampered.pepatch", manifest, new)
+    # The container itself is fine: digest and size match the tampered graph.
+    assert unpack(path.read_bytes()).graph_bytes == new
+    assert_refused(path, mlp_bundle.onnx_path, StructureError, "structure", match)
+
+
+def test_offset_tamper_would_change_untouched_points(patches, mlp_bundle):
+    """Why the structure check matters: the append-offset graph, composed without verification, moves
+    the logits of every test point (no gate is open on them), while the honest patch moves none."""
+    base = BaseGraph.load(mlp_bundle.onnx_path)
+    honest = verify_patch(patches["prune"][0], base)
+    model = copy.deepcopy(honest.model)
+    _tamper_append_offset(model, honest.manifest.prefix, honest.manifest.n_classes)
+    evil = VerifiedPatch(source="evil", manifest=honest.manifest, model=model, params=honest.params)
+    x = mlp_bundle.dataset.x_test[:200]
+    run = lambda patches_: make_session(compose(base.model, patches_).SerializeToString()).run(None, {"input": x})[0]  # noqa: E731
+    plain, good, bad = run([]), run([honest]), run([evil])
+    assert np.array_equal(plain, good)
+    assert np.allclose(bad[:, 0] - plain[:, 0], 50.0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda m: {"records": m.records[:-1]}, r"initializer .* expected dtype .* shape"),
+        (lambda m: {"gated": m.gated[1:]}, r"."),
+        (lambda m: {"form": "affine" if m.form != "affine" else "shift"}, r"shape|not the canonical"),
+        (lambda m: {"patch_id": "f" * 32}, r"expected initializer"),
+    ],
+    ids=["drop-record", "drop-gated-tensor", "other-form", "other-patch-id"],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_manifest_graph_mismatch_refused(patches, mlp_bundle, tmp_path, mode, change, match):
+    manifest, graph = parts(patches[mode][0])
+    path = repack(tmp_path / "mismatch.pepatch", manifest, graph, **change(manifest))
+    assert_refused(path, mlp_bundle.onnx_path, StructureError, "structure", match)
+
+
+def test_undecodable_graph_refused(patches, mlp_bundle, tmp_path):
+    manifest, _ = parts(patches["prune"][0])
+    path = repack(tmp_path / "junk.pepatch", manifest, b"\xff" * 64)
+    assert_refused(path, mlp_bundle.onnx_path, StructureError, "structure")
+
+
+# ----------------------------------------------------------------------------- certificate tampering
+def _cert_beta_in_manifest(manifest, graph):
+    rec = manifest.records[0]
+    beta = (rec.beta[0] + 0.5, *rec.beta[1:])
+    return {"records": replace_record(manifest, 0, beta=beta)}, graph
+
+
+def _cert_t_in_graph(manifest, graph):
+    p = params_of(manifest, graph)
+    t = p.t.copy()
+    t[0, 0] += 0.5
+    return {}, canonical_bytes_of(manifest, PatchParams(p.signs, p.gamma, p.T, t))
+
+
+def _cert_consistent_spec_violation(manifest, graph):
+    """Move record 0 so the target no longer wins, updating beta AND the graph's t consistently."""
+    rec = manifest.records[0]
+    # Shift every row by more than its certified width: on the whole region each row e_j - e_target
+    # becomes positive, i.e. every other class beats the target.
+    width = 0.0 if rec.lower is None else np.asarray(rec.upper) - np.asarray(rec.lower)
+    new_beta = np.asarray(rec.beta) + width + 2.0 * abs(manifest.q_upper) + 5.0
+    p = params_of(manifest, graph)
+    T0, t0 = affine_from_scales(rec.target, np.asarray(rec.alpha), new_beta, rec.mean_scale, rec.mean_shift, manifest.n_classes)
+    T, t = p.T.copy(), p.t.copy()
+    T[0], t[0] = T0, t0
+    new = canonical_bytes_of(manifest, PatchParams(p.signs, p.gamma, T, t))
+    return {"records": replace_record(manifest, 0, beta=tuple(new_beta.tolist()))}, new
+
+
+def _cert_gamma_in_manifest(manifest, graph):
+    return {"records": replace_record(manifest, 0, gamma=manifest.records[0].gamma * 2)}, graph
+
+
+def _cert_gamma_in_graph(manifest, graph):
+    p = params_of(manifest, graph)
+    gamma = p.gamma.copy()
+    gamma[1] *= 0.5
+    return {}, canonical_bytes_of(manifest, PatchParams(p.signs, gamma, p.T, p.t))
+
+
+def _cert_target(manifest, graph):
+    rec = manifest.records[0]
+    return {"records": replace_record(manifest, 0, target=(rec.target + 1) % manifest.n_classes)}, graph
+
+
+def _cert_alpha_above_one(manifest, graph):
+    """prune: alpha > 1 widens the rows; T, t and the form are updated consistently."""
+    rec = manifest.records[0]
+    alpha = np.asarray(rec.alpha).copy()
+    alpha[0] = 1.5
+    p = params_of(manifest, graph)
+    T0, t0 = affine_from_scales(rec.target, alpha, np.asarray(rec.beta), rec.mean_scale, rec.mean_shift, manifest.n_classes)
+    T, t = p.T.copy(), p.t.copy()
+    T[0], t[0] = T0, t0
+    params = PatchParams(p.signs, p.gamma, T, t)
+    form = form_of(params)
+    return {"records": replace_record(manifest, 0, alpha=tuple(alpha.tolist())), "form": form}, canonical_bytes_of(manifest, params, form)
+
+
+def _cert_bounds_swapped(manifest, graph):
+    rec = manifest.records[0]
+    return {"records": replace_record(manifest, 0, lower=rec.upper, upper=rec.lower)}, graph
+
+
+def _cert_collapse_alpha(manifest, graph):
+    rec = manifest.records[0]
+    return {"records": replace_record(manifest, 0, alpha=(0.5, *rec.alpha[1:]))}, graph
+
+
+def _cert_mean_shift(manifest, graph):
+    rec = manifest.records[0]
+    return {"records": replace_record(manifest, 0, mean_shift=rec.mean_shift + 1.0)}, graph
+
+
+CERT_TAMPERS = {
+    "beta-in-manifest": (("prune", "collapse"), _cert_beta_in_manifest, r"record 0 .*differ from the closed form"),
+    "t-in-graph": (("prune", "collapse"), _cert_t_in_graph, r"record 0 .*differ from the closed form"),
+    "consistent-spec-violation": (("prune", "collapse"), _cert_consistent_spec_violation, r"record 0 .*patched rows expected inside"),
+    "gamma-in-manifest": (("prune", "collapse"), _cert_gamma_in_manifest, r"record 0 .*expected gamma"),
+    "gamma-in-graph": (("prune", "collapse"), _cert_gamma_in_graph, r"record 1 .*expected gamma"),
+    "target": (("prune", "collapse"), _cert_target, r"record 0 .*closed form"),
+    "alpha-above-one": (("prune",), _cert_alpha_above_one, r"record 0 .*0 < alpha <= 1"),
+    "bounds-swapped": (("prune",), _cert_bounds_swapped, r"record 0 .*lower <= upper"),
+    "collapse-alpha": (("collapse",), _cert_collapse_alpha, r"record 0 .*collapse expects alpha = 0"),
+    "mean-shift": (("collapse",), _cert_mean_shift, r"record 0 .*closed form"),
+}
+
+
+@pytest.mark.parametrize(
+    "mode,tamper",
+    [(mode, name) for name, (modes, _, _) in CERT_TAMPERS.items() for mode in modes],
+)
+def test_certificate_tamper_refused(patches, mlp_bundle, tmp_path, mode, tamper):
+    _, fn, match = CERT_TAMPERS[tamper]
+    manifest, graph = parts(patches[mode][0])
+    changes, new_graph = fn(manifest, graph)
+    path = repack(tmp_path / "cert.pepatch", manifest, new_graph, **changes)
+    assert_refused(path, mlp_bundle.onnx_path, CertificateError, "certificate", match)
+
+
+def test_consistent_spec_violation_is_a_real_attack(patches, mlp_bundle, tmp_path):
+    """Composed without verification, the spec-violating patch really lets the original label win on
+    record 0's forget point; the certificate check is what stops it."""
+    manifest, graph = parts(patches["prune"][0])
+    changes, new_graph = _cert_consistent_spec_violation(manifest, graph)
+    evil_manifest = dataclasses.replace(manifest, graph_sha256=sha256_bytes(new_graph), graph_bytes=len(new_graph), **changes)
+    model = onnx.load_from_string(new_graph)
+    evil = VerifiedPatch("evil", evil_manifest, model, params_of(evil_manifest, new_graph))
+    base = BaseGraph.load(mlp_bundle.onnx_path)
+    honest = verify_patch(patches["prune"][0], base)
+    x = mlp_bundle.dataset.x_train
+    # Find record 0's forget point: the forget point on which honest gate 0 is fully open.
+    sess = make_session(compose(base.model, [honest], expose_gates=True).SerializeToString())
+    out, gates = sess.run(None, {"input": x})
+    members = np.flatnonzero(gates[:, 0] > 0.999)
+    assert len(members) >= 1
+    target = manifest.records[0].target
+    assert (out[members].argmax(1) == target).all()
+    evil_out = make_session(compose(base.model, [evil]).SerializeToString()).run(None, {"input": x[members]})[0]
+    assert (evil_out.argmax(1) != target).all()
+
+
+# ----------------------------------------------------------------------------- composition refusals
+def test_duplicate_patch_refused(patches, mlp_bundle, tmp_path):
+    path = patches["prune"][0]
+    model = None
+    with pytest.raises(StructureError, match=r"given twice") as info:
+        model = PatchedModel(mlp_bundle.onnx_path, [path, path])
+    assert model is None and "\n" not in str(info.value)
+    # Identity is the patch id, not the file name.
+    renamed = tmp_path / "renamed.pepatch"
+    shutil.copyfile(path, renamed)
+    with pytest.raises(StructureError, match=r"given twice"):
+        PatchedModel(mlp_bundle.onnx_path, [path, renamed])
+
+
+def test_one_bad_patch_refuses_the_whole_set(patches, mlp_bundle, other_base, tmp_path):
+    """A good patch followed by a bad one: the constructor raises, nothing is returned or composed."""
+    good = patches["prune"][0]
+    data = patches["collapse"][0].read_bytes()
+    bad = tmp_path / "bad.pepatch"
+    bad.write_bytes(data[: len(data) // 3])
+    model = None
+    with pytest.raises(PatchFormatError):
+        model = PatchedModel(mlp_bundle.onnx_path, [good, bad])
+    assert model is None
+    with pytest.raises(IncompatibleBaseError):
+        model = PatchedModel(other_base, [good])
+    assert model is None
+    # The honest set still loads and the base alone is untouched.
+    ok = PatchedModel(mlp_bundle.onnx_path, [good])
+    assert ok.n_records == len(read_patch_file(good).manifest.records)
+    x = mlp_bundle.dataset.x_test[:50]
+    plain = make_session(BaseGraph.load(mlp_bundle.onnx_path).data).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(PatchedModel(mlp_bundle.onnx_path).logits(x), plain)
