@@ -81,7 +81,7 @@ def mlp(input_shape: Sequence[int], n_classes: int, hidden: Sequence[int] = (256
 def cnn(
     input_shape: Sequence[int],
     n_classes: int,
-    channels: Sequence[int] = (16, 32),
+    channels: Sequence[int] = (32, 64),
     hidden: Sequence[int] = (128,),
 ) -> PreactNet:
     """Small ReLU CNN: 3x3 stride-2 convs (no pooling, so the net stays piecewise affine in one

@@ -37,6 +37,7 @@ def run_bench(
     device: str = "auto",
     base_dir: Path | None = None,
     progress: bool = True,
+    sweep_gate_layers: tuple[str, ...] = ("all", "last:1"),
 ) -> dict[str, Any]:
     """Run every measurement and return the JSON-able results."""
     import onnxruntime as ort
@@ -84,18 +85,23 @@ def run_bench(
 
     base_model = PatchedModel(bundle.onnx_path)
     latency = []
-    for count in latency_patches:
-        count = min(count, len(ds.x_train))
-        path = out / f"latency-{count}.pepatch"
-        build_point_patch(bundle, random_forget_ids(len(ds.x_train), count, seed + count), SynthConfig(mode="collapse", seed=seed),
-                          path, device=device, progress=False, evaluate=False)
-        patched = PatchedModel(bundle.onnx_path, [path])
-        for batch in (1, 256):
-            row = compare_latency(base_model, patched, ds.x_test[:batch])
-            latency.append({"patches": count, "mode": "collapse", **row})
+    # The sweep uses collapse patches (no LP, so 1000 points build in a second); their graph form has
+    # three more small nodes than prune's "shift" form, so prune patches of the same size are cheaper.
+    for gate_layers in sweep_gate_layers:
+        for count in latency_patches:
+            count = min(count, len(ds.x_train))
+            path = out / f"latency-{count}-{gate_layers.replace(':', '')}.pepatch"
+            build_point_patch(bundle, random_forget_ids(len(ds.x_train), count, seed + count),
+                              SynthConfig(mode="collapse", gate_layers=gate_layers, seed=seed), path, device=device,
+                              progress=False, evaluate=False)
+            patched = PatchedModel(bundle.onnx_path, [path])
+            for batch in (1, 256):
+                row = compare_latency(base_model, patched, ds.x_test[:batch])
+                latency.append({"patches": count, "mode": "collapse", "gate_layers": gate_layers, **row})
     prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"])
     for batch in (1, 256):
-        latency.append({"patches": points, "mode": "prune", **compare_latency(base_model, prune_model, ds.x_test[:batch])})
+        row = compare_latency(base_model, prune_model, ds.x_test[:batch])
+        latency.append({"patches": points, "mode": "prune", "gate_layers": "all", **row})
 
     results = {
         "machine": {
@@ -133,8 +139,11 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("seconds (log)")
     ax1.set_title(f"Forgetting {results['points']} points")
     for batch, marker in ((1, "o"), (256, "s")):
-        rows = [r for r in results["latency"] if r["batch"] == batch and r["mode"] == "collapse"]
-        ax2.plot([r["patches"] for r in rows], [r["ratio"] for r in rows], marker=marker, label=f"batch {batch}")
+        for gl, style in (("all", "-"), ("last:1", "--")):
+            rows = [r for r in results["latency"] if r["batch"] == batch and r["mode"] == "collapse" and r["gate_layers"] == gl]
+            if rows:
+                ax2.plot([r["patches"] for r in rows], [r["ratio"] for r in rows], style, marker=marker,
+                         label=f"batch {batch}, gate {gl}")
     ax2.axhline(1.0, color="#888", lw=0.8)
     ax2.set_xscale("log")
     ax2.set_xlabel("point patches")
@@ -159,8 +168,8 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append((f"{mode} patch bytes", f"{b['patch_bytes']} B",
                      f"{100 * b['patch_to_base']:.2f}% of base {r['base']['bytes']} B (goal <= {100 * g['patch_to_base_20']:g}%)"))
     for l in r["latency"]:
-        goal = {100: g["latency_ratio_256_100"], 1000: g["latency_ratio_256_1000"]}.get(l["patches"]) if l["batch"] == 256 and l["mode"] == "collapse" else None
-        rows.append((f"latency batch {l['batch']}, {l['patches']} {l['mode']} patches",
+        goal = {100: g["latency_ratio_256_100"], 1000: g["latency_ratio_256_1000"]}.get(l["patches"]) if l["batch"] == 256 else None
+        rows.append((f"latency batch {l['batch']}, {l['patches']} {l['mode']} patches, gate {l['gate_layers']}",
                      f"{l['base_ms']:.3f} -> {l['patched_ms']:.3f} ms",
                      f"{l['ratio']:.2f}x" + (f" (goal <= {goal:g}x)" if goal else "")))
     return _table(rows, header=("measurement", "value", "ratio"))

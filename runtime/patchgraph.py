@@ -4,11 +4,11 @@ A patch file holding P records computes, from base tensors only::
 
     z      = concat(flatten(z_l) for each gated tensor)             (N, M)
     excess = relu((1 - rho) |z|_1 - z @ S^T)                        (N, P)   S: signs in {-1, +1}
-    gate   = relu(1 - gamma/2 * excess)                             (N, P)
+    gate   = relu(1 - gamma/2 * excess)                             (N, P)   (computed as one clip)
     out    = f + sum_k gate_k (T_k f + t_k)                         (N, C)
 
 The correction has three forms, named in the manifest, so the common cases cost one small product:
-``shift`` (every T_k = 0: PRUNE with alpha = 1)        out = f + gate @ t
+``shift`` (every T_k = 0: PRUNE with alpha = 1)        out = f + gate @ t   (one Gemm)
 ``collapse`` (every T_k = -I: alpha = 0)               out = f + gate @ t - rowsum(gate) * f
 ``affine`` (anything else)                             out = f + [gate (x) f, gate] @ [T_1^T..T_P^T; t]
 
@@ -111,9 +111,9 @@ def form_of(params: PatchParams) -> str:
 
 
 def _names(prefix: str) -> dict[str, str]:
-    keys = ["signs", "half_gamma", "affine", "one", "keep", "axis1", "axis2", "flat_shape", "z", "abs", "l1",
-            "l1_kept", "signs_f", "zs", "viol2", "excess", "scaled", "open", "gate", "gate3", "f3", "gf3", "gf", "feat",
-            "shift", "mass", "mass_f", "correction", OUTPUT_SUFFIX]
+    keys = ["signs", "half_gamma", "affine", "one", "zero", "neg_keep", "axis1", "axis2", "flat_shape",
+            "z", "abs", "l1", "l1_coef", "signs_f", "signs_h", "bias", "acc", "gate", "gate3", "f3", "gf3", "gf",
+            "feat", "mass", "keep_f", "kept_logits", OUTPUT_SUFFIX]
     return {k: prefix + k for k in keys}
 
 
@@ -139,20 +139,32 @@ def _affine_shape(form: str, p: int, c: int) -> tuple[int, int]:
     return (p, c) if form in ("shift", "collapse") else (p * (c + 1), c)
 
 
+MIN_OPSET = 13  # axes/split as inputs, Clip bounds as inputs
+
+
 def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorProto]:
     n = _names(prefix)
     arrays = {
-        "signs": np.ascontiguousarray(params.signs.T),  # (M, P) int8; cast once, folded at load
-        "half_gamma": (params.gamma * np.float32(0.5)).astype(np.float32),
+        "signs": np.ascontiguousarray(params.signs.T),  # (M, P) int8; cast and scaled once, folded at load
+        "half_gamma": (params.gamma * np.float32(0.5)).astype(np.float32).reshape(1, -1),
         "affine": _affine_matrix(params, form).astype(np.float32),
-        "one": np.array(1.0, np.float32),
-        "keep": np.array(1.0 - dead_zone(params.signs.shape[1]), np.float32),
+        "one": np.array([1.0], np.float32),
+        "zero": np.array([0.0], np.float32),
+        "neg_keep": np.array([-(1.0 - dead_zone(params.signs.shape[1]))], np.float32),
         "axis1": np.array([1], np.int64),
     }
     if form == "affine":
         arrays["axis2"] = np.array([2], np.int64)
         arrays["flat_shape"] = np.array([0, params.n_records * params.n_classes], np.int64)
     return [numpy_helper.from_array(v, n[k]) for k, v in arrays.items()]
+
+
+def _reduce(op: str, x: str, out: str, axes: str, opset: int) -> onnx.NodeProto:
+    """Reduce over axis 1, keeping dims; axes moved from attribute to input in opset 13 (ReduceSum)
+    and 18 (ReduceL1)."""
+    if op == "ReduceSum" or opset >= 18:
+        return helper.make_node(op, [x, axes], [out], keepdims=1, name=out)
+    return helper.make_node(op, [x], [out], axes=[1], keepdims=1, name=out)
 
 
 def build_patch_graph(
@@ -164,60 +176,70 @@ def build_patch_graph(
     ir_version: int,
     form: str,
 ) -> onnx.ModelProto:
-    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes)."""
+    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes).
+
+    The gate is computed as ``clip(1 - gamma/2 ((1 - rho)|z|_1 - z.s), 0, 1)``, which equals
+    ``relu(1 - gamma/2 * excess)`` with excess >= 0: gamma/2 is folded into the signs at load time, the
+    |z|_1 term enters through Gemm's C input, and one Clip is the only elementwise pass over (N, P).
+    Few, large nodes matter: on CPU each extra node costs about as much as a 10^6-MAC product.
+    """
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"patch graphs need opset >= {MIN_OPSET}, the base has {opset}")
     n = _names(prefix)
     c = params.n_classes
-    m = sum(g.size for g in gated)
-    if params.signs.shape[1] != m:
-        raise ValueError(f"signs have {params.signs.shape[1]} columns, gated tensors hold {m} values")
+    sizes = [g.size for g in gated]
+    if params.signs.shape[1] != sum(sizes):
+        raise ValueError(f"signs have {params.signs.shape[1]} columns, gated tensors hold {sum(sizes)} values")
     nodes = []
     flat = []
     for i, g in enumerate(gated):
-        out = f"{prefix}flat{i}"
-        nodes.append(helper.make_node("Flatten", [g.name], [out], axis=1, name=out))
-        flat.append(out)
+        name = f"{prefix}flat{i}"
+        nodes.append(helper.make_node("Flatten", [g.name], [name], axis=1, name=name))
+        flat.append(name)
+    z = flat[0]
+    if len(flat) > 1:
+        z = n["z"]
+        nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
     nodes += [
-        helper.make_node("Concat", flat, [n["z"]], axis=1, name=n["z"]),
-        helper.make_node("Abs", [n["z"]], [n["abs"]], name=n["abs"]),
-        helper.make_node("ReduceSum", [n["abs"], n["axis1"]], [n["l1"]], keepdims=1, name=n["l1"]),
+        helper.make_node("Abs", [z], [n["abs"]], name=n["abs"]),
+        _reduce("ReduceSum", n["abs"], n["l1"], n["axis1"], opset),
+        # folded at load: gamma/2 * signs, and -(1 - rho) gamma/2
         helper.make_node("Cast", [n["signs"]], [n["signs_f"]], to=TensorProto.FLOAT, name=n["signs_f"]),
-        helper.make_node("MatMul", [n["z"], n["signs_f"]], [n["zs"]], name=n["zs"]),
-        helper.make_node("Mul", [n["l1"], n["keep"]], [n["l1_kept"]], name=n["l1_kept"]),
-        helper.make_node("Sub", [n["l1_kept"], n["zs"]], [n["viol2"]], name=n["viol2"]),
-        helper.make_node("Relu", [n["viol2"]], [n["excess"]], name=n["excess"]),
-        helper.make_node("Mul", [n["excess"], n["half_gamma"]], [n["scaled"]], name=n["scaled"]),
-        helper.make_node("Sub", [n["one"], n["scaled"]], [n["open"]], name=n["open"]),
-        helper.make_node("Relu", [n["open"]], [n["gate"]], name=n["gate"]),
+        helper.make_node("Mul", [n["signs_f"], n["half_gamma"]], [n["signs_h"]], name=n["signs_h"]),
+        helper.make_node("Mul", [n["half_gamma"], n["neg_keep"]], [n["l1_coef"]], name=n["l1_coef"]),
+        # 1 - gamma/2 (1 - rho)|z|_1 (outer product plus one), then + gamma/2 z.s, then clip to [0, 1]
+        helper.make_node("Gemm", [n["l1"], n["l1_coef"], n["one"]], [n["bias"]], name=n["bias"]),
+        helper.make_node("Gemm", [z, n["signs_h"], n["bias"]], [n["acc"]], name=n["acc"]),
+        helper.make_node("Clip", [n["acc"], n["zero"], n["one"]], [n["gate"]], name=n["gate"]),
     ]
-    if form == "affine":
+    out_name = n[OUTPUT_SUFFIX]
+    if form == "shift":
+        nodes.append(helper.make_node("Gemm", [n["gate"], n["affine"], logits_name], [out_name], name=out_name))
+    elif form == "collapse":
+        nodes += [
+            _reduce("ReduceSum", n["gate"], n["mass"], n["axis1"], opset),
+            helper.make_node("Sub", [n["one"], n["mass"]], [n["keep_f"]], name=n["keep_f"]),
+            helper.make_node("Mul", [logits_name, n["keep_f"]], [n["kept_logits"]], name=n["kept_logits"]),
+            helper.make_node("Gemm", [n["gate"], n["affine"], n["kept_logits"]], [out_name], name=out_name),
+        ]
+    else:
         nodes += [
             helper.make_node("Unsqueeze", [n["gate"], n["axis2"]], [n["gate3"]], name=n["gate3"]),
             helper.make_node("Unsqueeze", [logits_name, n["axis1"]], [n["f3"]], name=n["f3"]),
             helper.make_node("Mul", [n["gate3"], n["f3"]], [n["gf3"]], name=n["gf3"]),
             helper.make_node("Reshape", [n["gf3"], n["flat_shape"]], [n["gf"]], name=n["gf"]),
             helper.make_node("Concat", [n["gf"], n["gate"]], [n["feat"]], axis=1, name=n["feat"]),
-            helper.make_node("MatMul", [n["feat"], n["affine"]], [n["correction"]], name=n["correction"]),
+            helper.make_node("Gemm", [n["feat"], n["affine"], logits_name], [out_name], name=out_name),
         ]
-    elif form == "collapse":
-        nodes += [
-            helper.make_node("MatMul", [n["gate"], n["affine"]], [n["shift"]], name=n["shift"]),
-            helper.make_node("ReduceSum", [n["gate"], n["axis1"]], [n["mass"]], keepdims=1, name=n["mass"]),
-            helper.make_node("Mul", [n["mass"], logits_name], [n["mass_f"]], name=n["mass_f"]),
-            helper.make_node("Sub", [n["shift"], n["mass_f"]], [n["correction"]], name=n["correction"]),
-        ]
-    else:
-        nodes.append(helper.make_node("MatMul", [n["gate"], n["affine"]], [n["correction"]], name=n["correction"]))
-    nodes.append(helper.make_node("Add", [logits_name, n["correction"]], [n[OUTPUT_SUFFIX]], name=n[OUTPUT_SUFFIX]))
     inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]
     inputs.append(helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [BATCH_DIM, c]))
-    outputs = [helper.make_tensor_value_info(n[OUTPUT_SUFFIX], TensorProto.FLOAT, [BATCH_DIM, c])]
+    outputs = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [BATCH_DIM, c])]
     graph = helper.make_graph(nodes, prefix + "graph", inputs, outputs, _initializers(prefix, params, form))
-    model = helper.make_model(
+    return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, ir_version=ir_version
     )
-    return model
 
 
 def extract_params(
@@ -228,7 +250,7 @@ def extract_params(
     inits = {t.name: t for t in model.graph.initializer}
     expected = {
         "signs": (TensorProto.INT8, (gated_size, n_records)),
-        "half_gamma": (TensorProto.FLOAT, (n_records,)),
+        "half_gamma": (TensorProto.FLOAT, (1, n_records)),
         "affine": (TensorProto.FLOAT, _affine_shape(form, n_records, n_classes)),
     }
     arrays = {}
@@ -255,4 +277,4 @@ def extract_params(
     else:
         T = np.zeros((p, c, c), np.float32) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), (p, c, c))
         t = affine
-    return PatchParams(signs=signs, gamma=arrays["half_gamma"] * np.float32(2.0), T=T, t=t)
+    return PatchParams(signs=signs, gamma=arrays["half_gamma"].reshape(-1) * np.float32(2.0), T=T, t=t)

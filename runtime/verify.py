@@ -120,7 +120,8 @@ def _first_difference(expected: onnx.ModelProto, found: onnx.ModelProto) -> str:
             return f"node {en.name!r} expected inputs {list(en.input)}, found {list(fn.input)} or other attributes"
     e_init, f_init = [i.name for i in eg.initializer], [i.name for i in fg.initializer]
     if e_init != f_init:
-        return f"expected initializers {e_init}, found {f_init}"
+        extra, missing = sorted(set(f_init) - set(e_init)), sorted(set(e_init) - set(f_init))
+        return f"expected {len(e_init)} initializers, found {len(f_init)} (extra {extra[:3]}, missing {missing[:3]})"
     if [o.name for o in eg.output] != [o.name for o in fg.output] or list(eg.input) != list(fg.input):
         return "graph inputs or outputs differ"
     return "model metadata (opset, IR version, producer, doc strings or metadata) differs"
