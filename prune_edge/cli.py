@@ -64,8 +64,8 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -
 def _load_array(path: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: expected a .npy array file, found {exc}") from None
+    except (OSError, ValueError, EOFError):
+        raise InputError(f"{path}: expected a .npy array file (numpy.save), found unreadable or pickled data") from None
     if not isinstance(x, np.ndarray):
         raise InputError(f"{path}: expected a single .npy array, found an archive")
     return x
@@ -117,14 +117,22 @@ def train_base_cmd(dataset_name: str, arch: str, seed: int, epochs: int | None, 
     """Train a ReLU base model and write base.onnx, weights.pt and card.json (atomically)."""
     from .basedir import train_base
 
-    try:
-        card = train_base(dataset_name, arch, out, seed=seed, epochs=epochs, device=device, progress=not as_json)
-    except ValueError as exc:  # e.g. --device cuda without a GPU
-        raise click.UsageError(str(exc)) from None
+    _check_device(device)
+    card = train_base(dataset_name, arch, out, seed=seed, epochs=epochs, device=device, progress=not as_json)
     if as_json:
         _emit_json(card)
     else:
         click.echo(_card_table(card))
+
+
+def _check_device(device: str) -> None:
+    """--device cuda without a GPU is a usage error, caught before any work starts."""
+    from .train import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
 def _card_table(card: dict) -> str:
@@ -160,6 +168,7 @@ def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, devic
     from .synth import SynthConfig
     from .unlearn import build_point_patch
 
+    _check_device(device)
     bundle = load_base(base_dir)
     ids = read_forget_ids(forget_path, len(bundle.dataset.x_train))
     layers = gate_layers or ("all" if bundle.card["arch"] == "mlp" else "last:1")
@@ -324,6 +333,7 @@ def demo(out: str, points: int, mode: str, seed: int, device: str, as_json: bool
     """The whole pipeline on mnist5k: train, forget random points, build, certify, compose, compare."""
     from .demo import run_demo
 
+    _check_device(device)
     result = run_demo(Path(out), points=points, mode=mode, seed=seed, device=device, progress=not as_json)
     if as_json:
         _emit_json(result)

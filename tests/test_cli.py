@@ -176,3 +176,21 @@ def test_train_base_cuda_without_gpu_is_usage_error(runner, tmp_path):
     result = runner.invoke(main, ["train-base", "--device", "cuda", "--out", str(tmp_path / "b")])
     assert result.exit_code == EXIT_USAGE
     assert not (tmp_path / "b").exists()
+
+
+def test_train_base_bad_dataset_is_a_failure_not_usage(runner, tmp_path):
+    result = runner.invoke(main, ["train-base", "--dataset", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == EXIT_FAILURE
+    assert _one_line_error(result).startswith("error: ") and "missing.npz" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_base_from_user_npz(runner, tmp_path):
+    """A user's own .npz trains a base and the card says where it came from."""
+    assert runner.invoke(main, ["dataset", "export", "digits", "--out", str(tmp_path / "d.npz")]).exit_code == 0
+    result = runner.invoke(main, ["train-base", "--dataset", str(tmp_path / "d.npz"), "--epochs", "2",
+                                  "--out", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    card = json.loads(result.stdout)
+    assert card["dataset"]["source"].endswith("d.npz") and card["input_shape"] == [1, 8, 8]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base.onnx", "card.json", "weights.pt"]
