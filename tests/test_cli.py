@@ -194,3 +194,22 @@ def test_train_base_from_user_npz(runner, tmp_path):
     card = json.loads(result.stdout)
     assert card["dataset"]["source"].endswith("d.npz") and card["input_shape"] == [1, 8, 8]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base.onnx", "card.json", "weights.pt"]
+
+
+def test_dataset_export_corrupted_idx_folder(runner, tmp_path):
+    """A real-format folder with a wrong magic number: one line naming the file, exit 1, nothing written."""
+    import struct
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for stem, magic, dims in (("train-images-idx3-ubyte", 0x803, (4, 28, 28)), ("train-labels-idx1-ubyte", 0x801, (4,)),
+                              ("t10k-images-idx3-ubyte", 0x803, (2, 28, 28)), ("t10k-labels-idx1-ubyte", 0x801, (2,))):
+        header = struct.pack(">I", magic if stem != "t10k-images-idx3-ubyte" else 0x12345678)
+        header += b"".join(struct.pack(">I", d) for d in dims)
+        (folder / stem).write_bytes(header + bytes(int(np.prod(dims))))
+    out = tmp_path / "x.npz"
+    result = runner.invoke(main, ["dataset", "export", str(folder), "--out", str(out)])
+    assert result.exit_code == EXIT_FAILURE
+    line = _one_line_error(result)
+    assert "t10k-images-idx3-ubyte" in line and "0x12345678" in line
+    assert not out.exists()
