@@ -1,0 +1,29 @@
+"""The benchmark measures what it says, side by side, and writes its table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from prune_edge.bench import format_table, run_bench  # noqa: E402
+
+
+def test_bench_small_run(tmp_path, mlp_base):
+    out = tmp_path / "bench"
+    r = run_bench(out, points=2, latency_patches=(3,), base_dir=mlp_base, progress=False, sweep_gate_layers=("all",))
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["retrain_seconds"] == r["retrain_seconds"] > 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    for label, b in r["builds"].items():
+        # the ratio is computed from the two measured times, not asserted into being
+        assert b["speedup_vs_retrain"] == pytest.approx(r["retrain_seconds"] / b["build_seconds"])
+        assert 0 < b["patch_to_base"] < 0.01
+    assert r["builds"]["prune"]["lp_solves"] == 2 * 2 * 9  # two points, two LPs per row, nine rows
+    rows = {(l["patches"], l["batch"], l["mode"]) for l in r["latency"]}
+    assert rows == {(3, 1, "collapse"), (3, 256, "collapse"), (2, 1, "prune"), (2, 256, "prune")}
+    assert all(l["base_ms"] > 0 and l["patched_ms"] > 0 for l in r["latency"])
+    table = format_table(r)
+    assert "retrain without forget set" in table and "goal >= 1000x" in table
