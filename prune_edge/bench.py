@@ -20,6 +20,8 @@ from typing import Any
 import click
 import numpy as np
 
+from .report import table
+
 GOALS = {
     "collapse_speedup": 1000.0,
     "prune_speedup": 10.0,
@@ -159,8 +161,6 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    from .cli import _table
-
     g = r["goals"]
     rows = [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", "")]
     for label, b in r["builds"].items():
@@ -175,7 +175,7 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append((f"latency batch {l['batch']}, {l['patches']} {l['mode']} patches, gate {l['gate_layers']}",
                      f"{l['base_ms']:.3f} -> {l['patched_ms']:.3f} ms",
                      f"{l['ratio']:.2f}x" + (f" (goal <= {goal:g}x)" if goal else "")))
-    return _table(rows, header=("measurement", "value", "ratio"))
+    return table(rows, header=("measurement", "value", "ratio"))
 
 
 @click.command()

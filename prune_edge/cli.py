@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
+from .report import pct as _pct
+from .report import table as _table
 from .runtime.errors import InputError, PatchVerificationError, PruneEdgeError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
@@ -51,16 +53,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
-    """A plain aligned text table (no dependency; readable in logs and CI output)."""
-    cells = [[str(c) for c in r] for r in ([header] if header else []) + list(rows)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    if header:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _load_array(path: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
@@ -69,10 +61,6 @@ def _load_array(path: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise InputError(f"{path}: expected a single .npy array, found an archive")
     return x
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .basedir import load_base, train_base
 from .latency import compare_latency
+from .report import pct, table
 from .requests import random_forget_ids, write_forget_ids
 from .runtime.base import BaseGraph
 from .runtime.model import PatchedModel
@@ -22,9 +22,10 @@ from .unlearn import build_point_patch
 def run_demo(out: Path, points: int = 20, mode: str = "prune", seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Train the default base, forget ``points`` random training points, certify and compose the
     patch on the device path, and return the figures plus a printable table."""
-    from .cli import _pct, _table
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr)
 
-    log = (lambda msg: print(msg, file=__import__("sys").stderr)) if progress else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = out / "base-mlp"
     log(f"[1/5] training the default base (mnist5k, mlp, seed {seed}) into {base_dir}")
@@ -46,19 +47,19 @@ def run_demo(out: Path, points: int = 20, mode: str = "prune", seed: int = 0, de
     ev = report["evaluation"]
     acc, loc = ev["accuracy"], ev["locality"]
     rows = [
-        ("forget accuracy", _pct(acc["forget"]["before"]), _pct(acc["forget"]["after"])),
-        ("retain accuracy", _pct(acc["retain"]["before"]), _pct(acc["retain"]["after"])),
-        ("test accuracy", _pct(acc["test"]["before"]), _pct(acc["test"]["after"])),
+        ("forget accuracy", pct(acc["forget"]["before"]), pct(acc["forget"]["after"])),
+        ("retain accuracy", pct(acc["retain"]["before"]), pct(acc["retain"]["after"])),
+        ("test accuracy", pct(acc["test"]["before"]), pct(acc["test"]["after"])),
         ("retain logits unchanged", "", f"{loc['retain']['unchanged']}/{loc['retain']['points']}"),
         ("test logits unchanged", "", f"{loc['test']['unchanged']}/{loc['test']['points']}"),
         ("forget points on target", "", f"{ev['forget_to_target']}/{ev['forget_points']}"),
         ("seconds (train base | build patch)", f"{report['base_training_seconds']:.2f}", f"{report['build_seconds']:.2f}"),
-        ("bytes (base | patch)", str(report["base_bytes"]), f"{report['patch_bytes']} ({_pct(report['patch_to_base'])})"),
+        ("bytes (base | patch)", str(report["base_bytes"]), f"{report['patch_bytes']} ({pct(report['patch_to_base'])})"),
     ]
     rows += [(f"latency ms, batch {l['batch']} (base | patched)", f"{l['base_ms']:.3f}", f"{l['patched_ms']:.3f} ({l['ratio']:.2f}x)") for l in latency]
     rows += [("certify", "", "PASS: " + ", ".join(c.name for c in cert.checks))]
-    table = _table(rows, header=("", "before / base", "after / patched"))
-    result = {"base": str(base_dir), "patch": str(patch), "report": report, "latency": latency, "certify": cert.to_json(), "table": table}
+    text = table(rows, header=("", "before / base", "after / patched"))
+    result = {"base": str(base_dir), "patch": str(patch), "report": report, "latency": latency, "certify": cert.to_json(), "table": text}
     (out / "demo.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str) + "\n")
     log(f"[5/5] done: {out / 'demo.json'}")
     return result

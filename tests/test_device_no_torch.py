@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 # A meta-path hook that makes every torch import fail, as on a device without torch.
 BLOCK_TORCH = textwrap.dedent(

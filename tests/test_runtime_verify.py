@@ -9,7 +9,6 @@ import io
 import shutil
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 import onnx
