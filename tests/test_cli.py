@@ -213,3 +213,14 @@ def test_dataset_export_corrupted_idx_folder(runner, tmp_path):
     line = _one_line_error(result)
     assert "t10k-images-idx3-ubyte" in line and "0x12345678" in line
     assert not out.exists()
+
+
+def test_demo_runs_the_whole_pipeline(runner, tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(main, ["demo", "--out", str(out), "--points", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    ev = doc["report"]["evaluation"]
+    assert ev["accuracy"]["forget"]["after"] == 0.0 and ev["forget_to_target"] == 3
+    assert doc["certify"]["passed"] and [l["batch"] for l in doc["latency"]] == [1, 256]
+    assert "forget accuracy" in doc["table"] and (out / "demo.json").exists() and (out / "forget.txt").exists()
