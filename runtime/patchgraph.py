@@ -18,7 +18,9 @@ are equal in exact arithmetic but not after rounding; ``rho`` (:func:`dead_zone`
 parameter) is a bound on that relative rounding error, so the excess is exactly 0 and the gate exactly
 1 on the region, whatever gamma is. The server builds this graph with
 :func:`build_patch_graph`; the device rebuilds it from the received parameters and the manifest and
-demands equality, so a patch file can only ever be this structure. Where every gate is 0 the correction
+demands equality, so a patch file can only ever be this structure. The graph is already minimal:
+onnxsim could only fold its constant prologue (the int8 signs' Cast and the gamma scalings), which is
+kept on purpose so the file stays small; onnxruntime folds it once when the session loads. Where every gate is 0 the correction
 is an exact 0, so the output equals the base logits bit for bit.
 """
 
