@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU server: train on CUDA, build and certify a patch, run the benchmark.
 # Usage (from the repository root, with the server extra importable): OUT=results bash scripts/gpu_check.sh
-# Missing wheels (highspy, mlxtend, onnxsim) can be dropped in .whl/ first; they are installed to /tmp/site.
+# Missing wheels (highspy, mlxtend, onnxsim) can be dropped in .whl/ first; they are installed to a temp folder.
 set -euo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${TMPDIR:-/tmp}/prune-edge-site" .whl/*.whl
+  export PYTHONPATH="${TMPDIR:-/tmp}/prune-edge-site":${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 pe() { python3 -m prune_edge.cli "$@"; }
