@@ -40,6 +40,7 @@ def run_bench(
     base_dir: Path | None = None,
     progress: bool = True,
     sweep_gate_layers: tuple[str, ...] = ("all", "last:1"),
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run every measurement and return the JSON-able results."""
     import onnxruntime as ort
@@ -88,7 +89,7 @@ def run_bench(
             "lp_seconds": report["synthesis"]["lp_seconds"],
         }
 
-    base_model = PatchedModel(bundle.onnx_path)
+    base_model = PatchedModel(bundle.onnx_path, threads=threads)
     latency = []
     # The sweep uses collapse patches (no LP, so 1000 points build in a second); their graph form has
     # three more small nodes than prune's "shift" form, so prune patches of the same size are cheaper.
@@ -99,11 +100,11 @@ def run_bench(
             build_point_patch(bundle, random_forget_ids(len(ds.x_train), count, seed + count),
                               SynthConfig(mode="collapse", gate_layers=gate_layers, seed=seed), path, device=device,
                               progress=False, evaluate=False)
-            patched = PatchedModel(bundle.onnx_path, [path])
+            patched = PatchedModel(bundle.onnx_path, [path], threads=threads)
             for batch in (1, 256):
                 row = compare_latency(base_model, patched, ds.x_test[:batch])
                 latency.append({"patches": count, "mode": "collapse", "gate_layers": gate_layers, **row})
-    prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"])
+    prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"], threads=threads)
     for batch in (1, 256):
         row = compare_latency(base_model, prune_model, ds.x_test[:batch])
         latency.append({"patches": points, "mode": "prune", "gate_layers": "all", **row})
@@ -116,6 +117,7 @@ def run_bench(
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
             "device": retrain_stats["device"],
+            "onnxruntime_threads": threads or "default",
         },
         "base": {"path": str(base_dir), "bytes": bundle.onnx_path.stat().st_size,
                  "training_seconds_card": bundle.card["training"]["training_seconds"]},
@@ -186,14 +188,17 @@ def format_table(r: dict[str, Any]) -> str:
 @click.option("--latency-patches", default="1,20,100,1000", show_default=True, help="Patch sizes for the latency sweep.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(out: str, base_dir: str | None, points: int, latency_patches: str, seed: int, device: str, as_json: bool) -> None:
+def bench(out: str, base_dir: str | None, points: int, latency_patches: str, seed: int, device: str, threads: int | None,
+          as_json: bool) -> None:
     """Benchmark patches against retraining: build time, bytes, onnxruntime latency (table, JSON, plot)."""
     try:
         sizes = tuple(int(v) for v in latency_patches.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter("expected comma-separated integers", param_hint="--latency-patches") from None
-    results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json)
+    results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json,
+                        threads=threads)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
