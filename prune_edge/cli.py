@@ -261,7 +261,7 @@ def verify_sample(base: str, patches: tuple[str, ...], sample: str, label: int, 
         x = x[None]
     if len(x) != 1:
         raise InputError(f"{sample}: expected one sample, found {len(x)}")
-    base_label = int(_patched(base, []).predict(x)[0])
+    base_label = int(model.base_logits(x).argmax(1)[0])
     after = int(model.predict(x)[0])
     covering = []
     for vp, g in zip(model.patches, model.gates(x)):

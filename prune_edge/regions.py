@@ -68,10 +68,6 @@ class Regions:
     lower: np.ndarray  # (D,) box of the LP variables
     upper: np.ndarray
 
-    @property
-    def n_gated(self) -> int:
-        return int(self.signs.shape[1])
-
 
 def _linear_part(layer: torch.nn.Module, v: torch.Tensor) -> torch.Tensor:
     """The layer without its bias, applied to a batch of (flattened-as-needed) vectors."""

@@ -70,14 +70,12 @@ class RecordData:
     T: np.ndarray
     t: np.ndarray
     members: list[int]  # positions in the forget list
-    nearest_violation: float  # smallest violation among points the gate must not open on
 
 
 @dataclass
 class SynthResult:
     records: list[RecordData]
     start: int  # first gated hidden layer
-    n_gated: int
     stats: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> PatchParams:
@@ -115,13 +113,15 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
 
 
 @torch.no_grad()
-def gated_preacts(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> torch.Tensor:
-    """(N, M) float32 gated pre-activations (layers start..), concatenated like the patch graph does."""
-    out = []
+def gated_forward(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, M) float32 gated pre-activations (layers start.., concatenated like the patch graph does)
+    and the (N, C) logits, in batches."""
+    zs, logits = [], []
     for i in range(0, len(x), batch):
-        preacts, _ = net.forward_all(torch.from_numpy(x[i : i + batch]))
-        out.append(torch.cat([z.flatten(1) for z in preacts[start:]], dim=1))
-    return torch.cat(out) if out else torch.zeros((0, 0))
+        preacts, out = net.forward_all(torch.from_numpy(x[i : i + batch]))
+        zs.append(torch.cat([z.flatten(1) for z in preacts[start:]], dim=1))
+        logits.append(out)
+    return torch.cat(zs), torch.cat(logits)
 
 
 def violations(z: torch.Tensor, signs: np.ndarray) -> torch.Tensor:
@@ -161,10 +161,8 @@ def synthesize(
     else:
         # Collapse needs no LP, hence no Jacobian: the pattern and logits of one forward pass.
         regions = None
-        with torch.no_grad():
-            preacts, out = net.forward_all(torch.from_numpy(x_forget))
-        z = torch.cat([p.flatten(1) for p in preacts[start:]], dim=1).numpy()
-        signs = np.where(z > 0, 1, -1).astype(np.int8)
+        z, out = gated_forward(net, x_forget, start)
+        signs = np.where(z.numpy() > 0, 1, -1).astype(np.int8)
         logits = out.numpy().astype(np.float64)
     t_regions = time.perf_counter() - t0
     # Points with the same pattern share one region, hence one record.
@@ -200,7 +198,7 @@ def synthesize(
             RecordData(
                 signs=signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha, beta=beta,
                 mean_scale=mean_scale, mean_shift=mean_shift, lower=lower, upper=upper, T=T, t=t,
-                members=list(members), nearest_violation=float("nan"),
+                members=list(members),
             )
         )
     t_gates = time.perf_counter()
@@ -218,7 +216,7 @@ def synthesize(
         "gate_start_layer": start,
         "unavoidable_overlaps": overlaps,
     }
-    return SynthResult(records=records, start=start, n_gated=int(signs.shape[1]), stats=stats)
+    return SynthResult(records=records, start=start, stats=stats)
 
 
 def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, records: list[RecordData], start: int, config: SynthConfig) -> int:
@@ -227,7 +225,7 @@ def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, reco
     The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
     well before the nearest retained point or other record's forget point. Returns how many records
     share their exact region with such a point (their gate cannot exclude it)."""
-    z = gated_preacts(net, x_train, start)
+    z, _ = gated_forward(net, x_train, start)
     signs = np.stack([r.signs for r in records])
     viol = violations(z, signs)  # (N_train, P)
     owner = np.full(len(x_train), -1)
@@ -238,7 +236,6 @@ def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, reco
         others = torch.from_numpy(owner != k)
         v = viol[others, k]
         v_min = float(v.min()) if len(v) else float("inf")
-        r.nearest_violation = v_min
         if config.gamma is not None:
             r.gamma = float(config.gamma)
         elif v_min <= 0:

@@ -45,6 +45,7 @@ class PatchedModel:
         self._threads, self._providers = threads, providers
         self.session = make_session(self.model.SerializeToString(), threads, providers)
         self._gate_session: ort.InferenceSession | None = None
+        self._base_session: ort.InferenceSession | None = None
 
     @property
     def n_records(self) -> int:
@@ -59,6 +60,15 @@ class PatchedModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Patched labels (argmax of :meth:`logits`), int64."""
         return self.logits(x).argmax(axis=1).astype(np.int64)
+
+    def base_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits of the unchanged base alone (to show what a patch changed)."""
+        x = self.base.check_input(x)
+        if not self.patches:
+            return self.logits(x)
+        if self._base_session is None:
+            self._base_session = make_session(self.base.data, self._threads, self._providers)
+        return self._base_session.run(None, {self.base.input_name: x})[0]
 
     def gates(self, x: np.ndarray) -> list[np.ndarray]:
         """Per patch, the (N, records) gate values: 1 inside a record's region, 0 where it is closed."""
