@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import onnxruntime
 import torch
 
 from . import __version__
+from .activations import TrainActivations
 from .data import NAMED_DATASETS, Dataset, load_dataset
 from .exporters.onnx_base import export_base
 from .models.nets import PreactNet, build_model
@@ -49,6 +51,12 @@ class BaseBundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / ONNX_NAME
+
+    @cached_property
+    def activations(self) -> TrainActivations:
+        """The training set through this base, kept for the bundle's lifetime: a server that holds
+        a loaded base answers every later request without another pass over the training set."""
+        return TrainActivations(self.net, self.dataset.x_train)
 
     @property
     def train_config(self) -> TrainConfig:

@@ -68,20 +68,35 @@ def run_bench(
                            progress=progress, desc="retrain")
     retrain_seconds = retrain_stats["training_seconds"]
 
+    # A server keeps the training set's pass through the base in memory (see prune_edge.activations):
+    # paid once per base and gate start layer, reported separately from the per-request build.
+    from .regions import parse_gate_layers
+
+    t0 = time.perf_counter()
+    for gate_layers in {"all", "last:1", *sweep_gate_layers}:
+        bundle.activations.view(parse_gate_layers(gate_layers, bundle.net.n_hidden))
+    cache_seconds = time.perf_counter() - t0
+
     builds: dict[str, Any] = {}
     for mode, gate_layers in (("collapse", "all"), ("prune", "all"), ("prune", "last:1")):
         label = mode if gate_layers == "all" else f"{mode}, gate {gate_layers}"
         path = out / f"forget{points}-{mode}{'' if gate_layers == 'all' else '-' + gate_layers.replace(':', '')}.pepatch"
-        t0 = time.perf_counter()
-        report = build_point_patch(bundle, ids, SynthConfig(mode=mode, gate_layers=gate_layers, seed=seed), path,
-                                   device=device, progress=progress, evaluate=False)
-        wall = time.perf_counter() - t0
+        # A collapse build takes milliseconds, so one timing is mostly scheduler noise: report the
+        # median of several (prune builds take seconds and run once).
+        runs = []
+        for _ in range(5 if mode == "collapse" else 1):
+            t0 = time.perf_counter()
+            report = build_point_patch(bundle, ids, SynthConfig(mode=mode, gate_layers=gate_layers, seed=seed), path,
+                                       device=device, progress=progress, evaluate=False)
+            runs.append((report["build_seconds"], time.perf_counter() - t0, report))
+        build_seconds, wall, report = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
         builds[label] = {
             "mode": mode,
             "gate_layers": gate_layers,
-            "build_seconds": report["build_seconds"],
+            "build_seconds": build_seconds,
+            "build_runs": len(runs),
             "wall_seconds_with_io": wall,
-            "speedup_vs_retrain": retrain_seconds / report["build_seconds"],
+            "speedup_vs_retrain": retrain_seconds / build_seconds,
             "patch_bytes": report["patch_bytes"],
             "patch_to_base": report["patch_to_base"],
             "records": report["records"],
@@ -123,6 +138,7 @@ def run_bench(
                  "training_seconds_card": bundle.card["training"]["training_seconds"]},
         "points": points,
         "retrain_seconds": retrain_seconds,
+        "activation_cache_seconds": cache_seconds,
         "builds": builds,
         "latency": latency,
         "goals": GOALS,
@@ -164,7 +180,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def format_table(r: dict[str, Any]) -> str:
     g = r["goals"]
-    rows = [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", "")]
+    rows = [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", ""),
+            ("once per base: training set through the base (kept)", f"{r['activation_cache_seconds']:.3f} s",
+             f"{r['activation_cache_seconds'] / r['retrain_seconds']:.3f}x of one retrain")]
     for label, b in r["builds"].items():
         goal = g[f"{b['mode']}_speedup"]
         rows.append((f"build {label} patch ({r['points']} points)", f"{b['build_seconds']:.3f} s",

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from .activations import GatedView, TrainActivations
 from .models.nets import PreactNet
 from .lp import row_bounds_many
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
-from .runtime.patchgraph import PatchParams, affine_from_scales, dead_zone, spec_rows
+from .runtime.patchgraph import PatchParams, affine_from_scales, spec_rows
 
 MODES = ("prune", "collapse")
 
@@ -112,26 +112,6 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
     return alpha, np.floor(beta * 1e6) / 1e6
 
 
-@torch.no_grad()
-def gated_forward(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, M) float32 gated pre-activations (layers start.., concatenated like the patch graph does)
-    and the (N, C) logits, in batches."""
-    zs, logits = [], []
-    for i in range(0, len(x), batch):
-        preacts, out = net.forward_all(torch.from_numpy(x[i : i + batch]))
-        zs.append(torch.cat([z.flatten(1) for z in preacts[start:]], dim=1))
-        logits.append(out)
-    return torch.cat(zs), torch.cat(logits)
-
-
-def violations(z: torch.Tensor, signs: np.ndarray) -> torch.Tensor:
-    """(N, P) effective sign violations exactly as the device computes them (float32):
-    relu((1 - rho)|z|_1 - z s) / 2, i.e. sum_i relu(-s_i z_i) less the rounding dead zone."""
-    s = torch.from_numpy(signs.astype(np.float32)).T
-    keep = torch.tensor(1.0 - dead_zone(signs.shape[1]), dtype=torch.float32)
-    return torch.relu(z.abs().sum(1, keepdim=True) * keep - z @ s) / 2
-
-
 def choose_target(rng: np.random.Generator, forbidden: set[int], n_classes: int) -> int:
     choices = [c for c in range(n_classes) if c not in forbidden]
     return int(rng.choice(choices))
@@ -145,25 +125,30 @@ def synthesize(
     config: SynthConfig,
     device: str = "cpu",
     progress: bool = True,
+    activations: TrainActivations | None = None,
 ) -> SynthResult:
-    """Build certified records that move every forget point to a confusing label."""
+    """Build certified records that move every forget point to a confusing label.
+
+    ``activations`` (the training set through this base, see :mod:`.activations`) is what a server
+    keeps between requests; without it the one forward pass over the training set is paid here.
+    """
     t0 = time.perf_counter()
     net = net.eval()
     n_classes = net.layers[-1].out_features
     start = parse_gate_layers(config.gate_layers, net.n_hidden)
+    view = (activations or TrainActivations(net, x_train)).view(start)
     rng = np.random.default_rng(config.seed)
-    x_forget = x_train[forget_ids]
     if config.mode == "prune":
         # PRUNE needs each region's affine map and constraints (float64) for its LPs.
-        regions: Regions | None = compute_regions(net, x_forget, start, device=device)
+        regions: Regions | None = compute_regions(net, x_train[forget_ids], start, device=device)
         signs = regions.signs
         logits = regions.off_f.numpy() + np.einsum("bcd,bd->bc", regions.jac_f.numpy(), regions.h.numpy())
     else:
-        # Collapse needs no LP, hence no Jacobian: the pattern and logits of one forward pass.
+        # Collapse needs no LP, hence no Jacobian: forget points are training points, so their
+        # patterns and logits are rows of the training set's view.
         regions = None
-        z, out = gated_forward(net, x_forget, start)
-        signs = np.where(z.numpy() > 0, 1, -1).astype(np.int8)
-        logits = out.numpy().astype(np.float64)
+        signs = view.signs(forget_ids)
+        logits = view.logits[forget_ids].astype(np.float64)
     t_regions = time.perf_counter() - t0
     # Points with the same pattern share one region, hence one record.
     groups: dict[bytes, list[int]] = {}
@@ -202,7 +187,7 @@ def synthesize(
             )
         )
     t_gates = time.perf_counter()
-    overlaps = _set_gates(net, x_train, forget_ids, records, start, config)
+    overlaps = _set_gates(view, forget_ids, records, config)
     t_end = time.perf_counter()
     stats = {
         "build_seconds": t_end - t0,
@@ -219,28 +204,23 @@ def synthesize(
     return SynthResult(records=records, start=start, stats=stats)
 
 
-def _set_gates(net: PreactNet, x_train: np.ndarray, forget_ids: np.ndarray, records: list[RecordData], start: int, config: SynthConfig) -> int:
+def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData], config: SynthConfig) -> int:
     """Give each record the widest gate that stays closed on every point it must not touch.
 
     The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
     well before the nearest retained point or other record's forget point. Returns how many records
     share their exact region with such a point (their gate cannot exclude it)."""
-    z, _ = gated_forward(net, x_train, start)
-    signs = np.stack([r.signs for r in records])
-    viol = violations(z, signs)  # (N_train, P)
-    owner = np.full(len(x_train), -1)
+    viol = view.violations(np.stack([r.signs for r in records]))  # (N_train, P)
     for k, r in enumerate(records):
-        owner[forget_ids[r.members]] = k
+        viol[forget_ids[r.members], k] = np.inf  # a record's own forget points may open its gate
+    v_min = viol.min(axis=0) if len(viol) else np.full(len(records), np.inf)
     overlaps = 0
     for k, r in enumerate(records):
-        others = torch.from_numpy(owner != k)
-        v = viol[others, k]
-        v_min = float(v.min()) if len(v) else float("inf")
         if config.gamma is not None:
             r.gamma = float(config.gamma)
-        elif v_min <= 0:
+        elif v_min[k] <= 0:
             overlaps += 1
             r.gamma = config.max_gamma
         else:
-            r.gamma = float(min(config.max_gamma, config.gate_safety / v_min))
+            r.gamma = float(min(config.max_gamma, config.gate_safety / float(v_min[k])))
     return overlaps

@@ -52,7 +52,8 @@ def build_point_patch(
     """
     ds = bundle.dataset
     dev = resolve_device(device)
-    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, device=str(dev), progress=progress)
+    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, device=str(dev), progress=progress,
+                        activations=bundle.activations)
     salt = new_salt()
     t0 = time.perf_counter()
     request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import PatchFormatError
@@ -105,7 +105,7 @@ class Record:
     points: int
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         for k in ("alpha", "beta", "lower", "upper"):
             d[k] = None if d[k] is None else list(d[k])
         return d

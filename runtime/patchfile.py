@@ -25,6 +25,9 @@ MAX_PATCH_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 16 << 20
 # Fixed zip timestamp: the same patch content always gives the same file bytes.
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)
+# zlib's default level: within 2% of level 9's size on patch files, at a sixth of the time (level 9's
+# lazy matching is slow on the int8 sign tables). Part of the canonical encoding: see unpack.
+_DEFLATE_LEVEL = 6
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class PatchFile:
 def pack(manifest: Manifest, graph_bytes: bytes, signatures: list[dict] | None = None) -> bytes:
     """Serialise a patch file. Deterministic for a given manifest and graph."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_DEFLATE_LEVEL) as zf:
         for name, data in (
             (MANIFEST_NAME, json.dumps(manifest.envelope(signatures), sort_keys=True, separators=(",", ":")).encode()),
             (GRAPH_NAME, graph_bytes),
@@ -48,7 +51,7 @@ def pack(manifest: Manifest, graph_bytes: bytes, signatures: list[dict] | None =
             info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, data, compresslevel=9)
+            zf.writestr(info, data, compresslevel=_DEFLATE_LEVEL)
     return buf.getvalue()
 
 

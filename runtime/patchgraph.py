@@ -26,6 +26,7 @@ is an exact 0, so the output equals the base logits bit for bit.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,14 +57,22 @@ def completed_spec(target: int, n_classes: int) -> np.ndarray:
     return np.vstack([spec_rows(target, n_classes), np.full((1, n_classes), 1.0 / n_classes)])
 
 
+@functools.lru_cache(maxsize=1024)
+def _completed_spec_and_inverse(target: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Pbar, Pbar^-1), read-only; cached because a patch has many records but few distinct targets."""
+    pbar = completed_spec(target, n_classes)
+    inv = np.linalg.inv(pbar)
+    pbar.flags.writeable = inv.flags.writeable = False
+    return pbar, inv
+
+
 def affine_from_scales(
     target: int, alpha: np.ndarray, beta: np.ndarray, mean_scale: float, mean_shift: float, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRUNE's closed form: ``T = Pbar^-1 diag(a) Pbar - I = Pbar^-1 (diag(a) - I) Pbar``,
     ``t = Pbar^-1 b`` (float64). Written the second way, a = 1 gives T = 0 exactly and a = 0 gives
     T = -I exactly, so the cheap graph forms apply without round-off."""
-    pbar = completed_spec(target, n_classes)
-    inv = np.linalg.inv(pbar)
+    pbar, inv = _completed_spec_and_inverse(target, n_classes)
     a = np.append(np.asarray(alpha, float), mean_scale)
     b = np.append(np.asarray(beta, float), mean_shift)
     if not a.any():

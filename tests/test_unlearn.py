@@ -440,3 +440,37 @@ def test_synthesis_is_deterministic_by_seed(mlp_bundle, forget_ids):
         np.testing.assert_array_equal(x, y)
     assert [r.target for r in runs[0].records] == [r.target for r in runs[1].records]
     assert [r.target for r in runs[0].records] != [r.target for r in runs[2].records]
+
+
+def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
+    """The server's per-base cache gives the same patterns, violations and records as computing
+    everything from scratch, and its violations are the definition sum_i relu(-s_i z_i) (less the
+    float32 dead zone)."""
+    import torch
+
+    from prune_edge.activations import TrainActivations
+    from prune_edge.runtime.patchgraph import dead_zone
+    from prune_edge.synth import synthesize
+
+    ds = mlp_bundle.dataset
+    view = mlp_bundle.activations.view(1)
+    with torch.no_grad():
+        preacts, logits = mlp_bundle.net.forward_all(torch.from_numpy(ds.x_train[:50]))
+    np.testing.assert_array_equal(view.z[:50], preacts[1].numpy())
+    np.testing.assert_array_equal(view.logits[:50], logits.numpy())
+    signs = view.signs(forget_ids[:3])
+    assert set(np.unique(signs)) <= {-1, 1}
+    z = view.z[:200].astype(np.float64)
+    rho = dead_zone(z.shape[1])
+    direct = np.maximum(np.maximum(-signs[None, :, :] * z[:, None, :], 0).sum(2) - rho * np.abs(z).sum(1)[:, None] / 2, 0)
+    np.testing.assert_allclose(view.violations(signs)[:200], direct, rtol=1e-4, atol=1e-3)
+    assert np.all(view.violations(signs)[forget_ids[:3], np.arange(3)] == 0)
+
+    ids = forget_ids[:6]
+    cfg = SynthConfig(mode="collapse")
+    cached = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, progress=False, activations=mlp_bundle.activations)
+    fresh = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, progress=False,
+                       activations=TrainActivations(mlp_bundle.net, ds.x_train))
+    for a, b in zip((cached.params().signs, cached.params().gamma, cached.params().t),
+                    (fresh.params().signs, fresh.params().gamma, fresh.params().t)):
+        np.testing.assert_array_equal(a, b)
