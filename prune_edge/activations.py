@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .models.nets import PreactNet
-from .runtime.patchgraph import dead_zone
+from .runtime.patchgraph import choose_scale_log2, quantize
 
 
 @torch.no_grad()
@@ -35,18 +35,20 @@ class GatedView:
     """The training set's gated values for gates starting at one hidden layer."""
 
     z: np.ndarray  # (N, M) float32 pre-activations, layers start.. concatenated
-    l1_keep: np.ndarray  # (N,) float32 (1 - rho) |z|_1, the first term of every violation
     logits: np.ndarray  # (N, C) float32
+    scale_log2: int  # the gate's quantization step 2^e, chosen from this training set
+    q: np.ndarray  # (N, M) float32 holding the gate's integers (exact), for BLAS products
+    l1: np.ndarray  # (N,) float32 |q|_1 (exact)
 
     def signs(self, rows: np.ndarray) -> np.ndarray:
         """Activation patterns (int8 +-1, zero counts as inactive) of the given training rows."""
         return np.where(self.z[rows] > 0, 1, -1).astype(np.int8)
 
     def violations(self, signs: np.ndarray) -> np.ndarray:
-        """(N, P) effective violations of every training point against P sign vectors, in float32
-        like the device: relu((1 - rho)|z|_1 - z s) / 2 = sum_i relu(-s_i z_i) less the dead zone."""
-        s = signs.astype(np.float32).T
-        return np.maximum(self.l1_keep[:, None] - self.z @ s, 0.0) * np.float32(0.5)
+        """(N, P) violations sum_i relu(-s_i q_i) * delta of every training point against P sign rows,
+        the quantity the device's gate sees (exact: integer sums below 2^24 in float32)."""
+        v = self.l1[:, None] - self.q @ signs.astype(np.float32).T
+        return v * np.float32(2.0**self.scale_log2 / 2)
 
 
 class TrainActivations:
@@ -61,9 +63,10 @@ class TrainActivations:
         if start not in self._views:
             z_t, logits_t = gated_forward(self.net, self.x_train, start)
             z = np.ascontiguousarray(z_t.numpy(), dtype=np.float32)
-            keep = np.float32(1.0 - dead_zone(z.shape[1]))
-            l1_keep = (np.abs(z).sum(1, dtype=np.float32) * keep).astype(np.float32)
-            self._views[start] = GatedView(z=z, l1_keep=l1_keep, logits=logits_t.numpy().astype(np.float32))
+            e = choose_scale_log2(z)
+            q = quantize(z, e).astype(np.float32)
+            self._views[start] = GatedView(z=z, logits=logits_t.numpy().astype(np.float32), scale_log2=e, q=q,
+                                           l1=np.abs(q).sum(1, dtype=np.float32))
         return self._views[start]
 
     @property

@@ -76,6 +76,7 @@ class RecordData:
 class SynthResult:
     records: list[RecordData]
     start: int  # first gated hidden layer
+    scale_log2: int  # the gates' quantization step 2^e (see runtime.patchgraph)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> PatchParams:
@@ -84,6 +85,7 @@ class SynthResult:
             gamma=np.array([r.gamma for r in self.records]),
             T=np.stack([r.T for r in self.records]),
             t=np.stack([r.t for r in self.records]),
+            scale_log2=self.scale_log2,
         )
 
 
@@ -199,9 +201,10 @@ def synthesize(
         "points": int(len(forget_ids)),
         "gated_values": int(signs.shape[1]),
         "gate_start_layer": start,
+        "gate_scale_log2": view.scale_log2,
         "unavoidable_overlaps": overlaps,
     }
-    return SynthResult(records=records, start=start, stats=stats)
+    return SynthResult(records=records, start=start, scale_log2=view.scale_log2, stats=stats)
 
 
 def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData], config: SynthConfig) -> int:

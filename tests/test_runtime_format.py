@@ -22,8 +22,11 @@ from prune_edge.runtime.fileio import sha256_bytes
 from prune_edge.runtime.manifest import FORMAT_VERSION, GatedTensor, Manifest, Record, canonical_bytes
 from prune_edge.runtime.patchfile import GRAPH_NAME, MANIFEST_NAME, pack, read_patch_file, unpack
 from prune_edge.runtime.patchgraph import (
-    dead_zone,
+    DEFAULT_SCALE_LOG2,
     PatchParams,
+    choose_scale_log2,
+    gate_excess,
+    quantize,
     affine_from_scales,
     build_patch_graph,
     completed_spec,
@@ -456,12 +459,12 @@ def test_error_tree():
 
 # ----------------------------------------------------------------------------- canonical graph
 def reference_patch(z: np.ndarray, f: np.ndarray, params: PatchParams) -> tuple[np.ndarray, np.ndarray]:
-    """float64 f + sum_k g_k (T_k f + t_k), g_k = relu(1 - gamma_k sum_i relu(-s_ki z_i))."""
-    z, f = z.astype(np.float64), f.astype(np.float64)
+    """float64 f + sum_k g_k (T_k f + t_k), g_k = relu(1 - gamma_k delta sum_i relu(-s_ki q_i)) with q the
+    int8 quantization of float32 z, the summed violation written out per coordinate."""
+    q = quantize(z.astype(np.float32), params.scale_log2).astype(np.float64)
+    f = f.astype(np.float64)
     s = params.signs.astype(np.float64)
-    # sum_i relu(-s_i z_i) less the canonical rounding dead zone rho |z|_1 / 2
-    rho = dead_zone(s.shape[1])
-    viol = np.maximum(np.maximum(-(z[:, None, :] * s[None]), 0.0).sum(axis=2) - rho * np.abs(z).sum(1, keepdims=True) / 2, 0.0)
+    viol = np.maximum(-(q[:, None, :] * s[None]), 0.0).sum(axis=2) * params.delta
     g = np.maximum(1.0 - params.gamma.astype(np.float64)[None] * viol, 0.0)
     corr = np.einsum("nk,kcd,nd->nc", g, params.T.astype(np.float64), f) + g @ params.t.astype(np.float64)
     return f + corr, g
@@ -522,6 +525,7 @@ def test_extract_params_round_trip(canonical):
     np.testing.assert_array_equal(back.gamma, params.gamma)
     np.testing.assert_array_equal(back.T, params.T)
     np.testing.assert_array_equal(back.t, params.t)
+    assert back.scale_log2 == params.scale_log2
 
 
 def test_canonical_graph_matches_reference(canonical):
@@ -573,9 +577,9 @@ def test_canonical_graph_closed_gates_are_bit_exact(canonical):
 
 
 def test_canonical_graph_already_simple(canonical):
-    """onnxsim can only fold the constant prologue (Cast of the int8 signs and the gamma scalings, kept
-    on purpose: the file stays small and onnxruntime folds them once at load) and drop Flatten nodes
-    that are identities on already-flat inputs; every node that touches data survives."""
+    """onnxsim can at most fold constant-only nodes (there are none now: the int8 signs feed
+    MatMulInteger as stored) and drop Flatten nodes that are identities on already-flat inputs; every
+    node that touches data survives."""
     onnxsim = pytest.importorskip("onnxsim")
     prefix, params, model, form = canonical
     simplified, ok = onnxsim.simplify(copy.deepcopy(model))
@@ -594,6 +598,62 @@ def test_canonical_graph_already_simple(canonical):
     z = rng.normal(size=(16, M)).astype(np.float32)
     f = rng.normal(size=(16, C)).astype(np.float32)
     np.testing.assert_allclose(session(simplified).run(None, feeds(z, f))[0], session(model).run(None, feeds(z, f))[0], atol=1e-6)
+
+
+def test_gate_quantization_is_exactly_the_reference(canonical):
+    """The device's QuantizeLinear / MatMulInteger give exactly the integers the server reasons with:
+    round half to even, saturation at +-128 steps, exact |q|_1 - q.s (ties, huge, tiny and -0 values)."""
+    prefix, params, model, form = canonical
+    rng = np.random.default_rng(13)
+    step = params.delta
+    z = rng.normal(scale=20 * step, size=(200, M))
+    z[:20] = (rng.integers(-300, 300, size=(20, M)) + 0.5) * step  # exact ties
+    z[20:30] = rng.choice([-1, 1], size=(10, M)) * 1e6  # saturation
+    z[30:40] = rng.normal(scale=step / 10, size=(10, M))  # below half a step
+    z[40, :] = -0.0
+    z = z.astype(np.float32)
+    f = np.zeros((len(z), C), np.float32)
+    q_names = [f"{prefix}q{i}" for i in range(len(GATED))]
+    sess = session(model, *q_names, prefix + "excess")
+    outs = sess.run(None, feeds(z, f))
+    q_dev = np.concatenate([q.reshape(len(z), -1) for q in outs[1:-1]], axis=1).astype(np.int32) - 128
+    np.testing.assert_array_equal(q_dev, quantize(z, params.scale_log2))
+    excess = outs[-1] * np.float32(step)
+    np.testing.assert_array_equal(excess, gate_excess(quantize(z, params.scale_log2), params.signs, params.scale_log2))
+
+
+def test_gate_is_exactly_one_on_the_region(canonical):
+    """Every coordinate agreeing in sign (any magnitude, saturated or not) gives gate 1 bit for bit,
+    for any gamma; values of the wrong sign below half a step round to 0 and change nothing; one full
+    step of the wrong sign closes a sharp gate."""
+    prefix, params, model, form = canonical
+    rng = np.random.default_rng(17)
+    step = params.delta
+    sharp = PatchParams(params.signs, np.full(params.n_records, 1e4), params.T, params.t, params.scale_log2)
+    for p in (params, sharp):
+        sess = session(build_patch_graph(prefix, GATED, LOGITS, p, OPSET, IR, form), gate_name(prefix))
+        for k in range(p.n_records):
+            s = p.signs[k].astype(np.float64)
+            inside = s * np.exp(rng.uniform(np.log(step), np.log(1e5 * step), size=(50, M)))
+            wrong_tiny = inside.copy()
+            wrong_tiny[:, :3] = -s[:3] * rng.uniform(0, 0.49 * step, size=(50, 3))
+            for z in (inside, wrong_tiny):
+                gate = sess.run(None, feeds(z.astype(np.float32), np.zeros((50, C), np.float32)))[1]
+                assert np.all(gate[:, k] == 1.0)
+    wrong = (params.signs[0].astype(np.float32) * 10 * step)[None].copy()
+    wrong[0, 0] *= -1
+    sess = session(build_patch_graph(prefix, GATED, LOGITS, sharp, OPSET, IR, form), gate_name(prefix))
+    assert sess.run(None, feeds(wrong, np.zeros((1, C), np.float32)))[1][0, 0] == 0.0
+
+
+def test_scale_choice():
+    z = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+    e = choose_scale_log2(z)
+    top = np.quantile(np.abs(z), 0.99)
+    assert 2.0**e * 127 <= top < 2.0 ** (e + 1) * 127
+    assert choose_scale_log2(np.zeros((3, 4), np.float32)) == DEFAULT_SCALE_LOG2
+    with pytest.raises(ValueError, match="scale_log2"):
+        PatchParams(np.ones((1, 2), np.int8), np.ones(1), np.zeros((1, 2, 2)), np.zeros((1, 2)), scale_log2=40)
 
 
 def test_certificate_algebra_identities():

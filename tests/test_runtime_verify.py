@@ -291,12 +291,12 @@ def test_graph_swapped_without_rehash(patches, mlp_bundle, tmp_path):
 def _tamper_append_offset(model: onnx.ModelProto, prefix: str, c: int) -> None:
     """Add a constant to the output after the gated correction: changes outputs everywhere."""
     last = model.graph.node[-1]
-    last.output[0] = prefix + "pre"
-    last.name = prefix + "pre"
+    last.output[0] = prefix + "evil_pre"
+    last.name = prefix + "evil_pre"
     offset = np.zeros(c, np.float32)
     offset[0] = 50.0
     model.graph.initializer.append(numpy_helper.from_array(offset, prefix + "offset"))
-    model.graph.node.append(helper.make_node("Add", [prefix + "pre", prefix + "offset"], [output_name(prefix)], name=output_name(prefix)))
+    model.graph.node.append(helper.make_node("Add", [prefix + "evil_pre", prefix + "offset"], [output_name(prefix)], name=output_name(prefix)))
 
 
 def _tamper_sum_offset(model: onnx.ModelProto, prefix: str, c: int) -> None:
@@ -317,7 +317,7 @@ def _tamper_relu_to_identity(model, prefix, c):
 
 
 def _tamper_keepdims(model, prefix, c):
-    node = next(n for n in model.graph.node if n.op_type == "ReduceSum")
+    node = next(n for n in model.graph.node if n.op_type in ("ReduceSum", "ReduceL1"))
     node.attribute[0].i = 0
 
 
@@ -337,6 +337,11 @@ def _tamper_signs_float(model, prefix, c):
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
 
 
+def _tamper_delta_not_power_of_two(model, prefix, c):
+    init = next(i for i in model.graph.initializer if i.name == prefix + "delta")
+    init.CopyFrom(numpy_helper.from_array(np.array(0.03, np.float32), init.name))
+
+
 def _tamper_opset(model, prefix, c):
     model.opset_import[0].version += 1
 
@@ -347,8 +352,8 @@ def _tamper_doc_string(model, prefix, c):
 
 def _tamper_swap_nodes(model, prefix, c):
     nodes = list(model.graph.node)
-    i = next(k for k, n in enumerate(nodes) if n.op_type == "Abs")
-    nodes[i], nodes[i + 1] = nodes[i + 1], nodes[i]  # Abs and ReduceSum: still a valid order? no matter
+    i = next(k for k, n in enumerate(nodes) if n.op_type == "DequantizeLinear")
+    nodes[i], nodes[i + 1] = nodes[i + 1], nodes[i]  # DequantizeLinear and ReduceL1: order matters, refused anyway
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
@@ -365,6 +370,7 @@ STRUCTURE_TAMPERS = {
     "unused-initializer": (_tamper_unused_initializer, r"expected \d+ initializers, found \d+ \(extra \[.*spare"),
     "signs-zero": (_tamper_signs_zero, r"signs must be -1 or \+1, found 5 other values"),
     "signs-float": (_tamper_signs_float, r"expected dtype INT8"),
+    "delta-not-power-of-two": (_tamper_delta_not_power_of_two, r"quantization step expected a power of two"),
     "opset": (_tamper_opset, r"not the canonical"),
     "doc-string": (_tamper_doc_string, r"not the canonical"),
     "node-order": (_tamper_swap_nodes, r"not the canonical"),

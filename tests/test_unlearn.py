@@ -22,7 +22,7 @@ from prune_edge.requests import random_forget_ids  # noqa: E402
 from prune_edge.runtime import PatchedModel, certify_patch, read_patch_file  # noqa: E402
 from prune_edge.runtime.base import BaseGraph  # noqa: E402
 from prune_edge.runtime.model import make_session  # noqa: E402
-from prune_edge.runtime.patchgraph import completed_spec, dead_zone, extract_params, gate_name, spec_rows  # noqa: E402
+from prune_edge.runtime.patchgraph import completed_spec, extract_params, gate_name, quantize, spec_rows  # noqa: E402
 from prune_edge.synth import SynthConfig  # noqa: E402
 from prune_edge.unlearn import build_point_patch  # noqa: E402
 
@@ -75,9 +75,9 @@ def reference_outputs(net, x: np.ndarray, start: int, params, gates: np.ndarray 
     f = f.numpy()
     s = params.signs.astype(np.float64)
     if gates is None:
-        # sum_i relu(-s_i z_i) less the canonical rounding dead zone rho |z|_1 / 2
-        rho = dead_zone(s.shape[1])
-        viol = np.maximum(np.maximum(-(z[:, None, :] * s[None]), 0.0).sum(axis=2) - rho * np.abs(z).sum(1, keepdims=True) / 2, 0.0)
+        # sum_i relu(-s_i q_i) delta, q the gate's int8 quantization of z
+        q = quantize(z.astype(np.float32), params.scale_log2).astype(np.float64)
+        viol = np.maximum(-(q[:, None, :] * s[None]), 0.0).sum(axis=2) * params.delta
         gates = np.maximum(1.0 - params.gamma.astype(np.float64)[None] * viol, 0.0)
     out = f + np.einsum("nk,kcd,nd->nc", gates, params.T.astype(np.float64), f) + gates @ params.t.astype(np.float64)
     return out, gates, f, z
@@ -449,7 +449,6 @@ def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
     import torch
 
     from prune_edge.activations import TrainActivations
-    from prune_edge.runtime.patchgraph import dead_zone
     from prune_edge.synth import synthesize
 
     ds = mlp_bundle.dataset
@@ -460,10 +459,10 @@ def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
     np.testing.assert_array_equal(view.logits[:50], logits.numpy())
     signs = view.signs(forget_ids[:3])
     assert set(np.unique(signs)) <= {-1, 1}
-    z = view.z[:200].astype(np.float64)
-    rho = dead_zone(z.shape[1])
-    direct = np.maximum(np.maximum(-signs[None, :, :] * z[:, None, :], 0).sum(2) - rho * np.abs(z).sum(1)[:, None] / 2, 0)
-    np.testing.assert_allclose(view.violations(signs)[:200], direct, rtol=1e-4, atol=1e-3)
+    q = quantize(view.z[:200], view.scale_log2).astype(np.float64)
+    assert np.abs(q).max() <= 128 and (q != 0).mean() > 0.5  # the step resolves most values
+    direct = np.maximum(-signs[None, :, :] * q[:, None, :], 0).sum(2) * 2.0**view.scale_log2
+    np.testing.assert_array_equal(view.violations(signs)[:200], direct)  # exact: integer sums
     assert np.all(view.violations(signs)[forget_ids[:3], np.arange(3)] == 0)
 
     ids = forget_ids[:6]
