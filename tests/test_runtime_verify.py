@@ -317,7 +317,7 @@ def _tamper_relu_to_identity(model, prefix, c):
 
 
 def _tamper_keepdims(model, prefix, c):
-    node = next(n for n in model.graph.node if n.op_type in ("ReduceSum", "ReduceL1"))
+    node = next(n for n in model.graph.node if n.op_type == "ReduceSum")
     node.attribute[0].i = 0
 
 
@@ -352,8 +352,8 @@ def _tamper_doc_string(model, prefix, c):
 
 def _tamper_swap_nodes(model, prefix, c):
     nodes = list(model.graph.node)
-    i = next(k for k, n in enumerate(nodes) if n.op_type == "DequantizeLinear")
-    nodes[i], nodes[i + 1] = nodes[i + 1], nodes[i]  # DequantizeLinear and ReduceL1: order matters, refused anyway
+    i = next(k for k, n in enumerate(nodes) if n.op_type == "Abs")
+    nodes[i], nodes[i + 1] = nodes[i + 1], nodes[i]  # Abs and ReduceSum: an invalid order, refused anyway
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 

@@ -274,7 +274,7 @@ def test_device_output_matches_reference_given_its_gates(prune_region_samples, m
     # Only the record's own gate is open on its region; the gate is (numerically) fully open.
     others = np.delete(s["gates"], k, axis=1)
     assert (others == 0).all()
-    assert (s["gates"][:, k] == 1.0).all()  # exactly open: the dead zone absorbs float32 rounding
+    assert (s["gates"][:, k] == 1.0).all()  # exactly open: the gate's integer excess is 0 on the region
 
 
 def test_gate_exactly_open_and_output_exact_on_region(prune_region_samples, mlp_bundle):
@@ -444,8 +444,8 @@ def test_synthesis_is_deterministic_by_seed(mlp_bundle, forget_ids):
 
 def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
     """The server's per-base cache gives the same patterns, violations and records as computing
-    everything from scratch, and its violations are the definition sum_i relu(-s_i z_i) (less the
-    float32 dead zone)."""
+    everything from scratch, and its violations are the definition sum_i relu(-s_i q_i) delta on the
+    gate's int8 quantization q of z."""
     import torch
 
     from prune_edge.activations import TrainActivations
