@@ -47,7 +47,7 @@ FORMS = ("shift", "collapse", "affine")
 OUTPUT_SUFFIX = "logits"
 QUANT_ZERO_POINT = 128  # uint8 codes 0..255 stand for -128..127
 SCALE_LOG2_RANGE = (-24, 8)  # delta from 2^-24 to 256: float32-exact scalings either way
-DEFAULT_SCALE_LOG2 = -5
+DEFAULT_SCALE_LOG2 = -8
 BATCH_DIM = "N"
 
 
@@ -139,13 +139,15 @@ def gate_excess(q: np.ndarray, signs: np.ndarray, scale_log2: int) -> np.ndarray
     return v.astype(np.float32) * np.float32(2.0**scale_log2)
 
 
-def choose_scale_log2(z: np.ndarray, quantile: float = 0.99) -> int:
+def choose_scale_log2(z: np.ndarray, quantile: float = 0.5) -> int:
     """delta = the power of two that puts the ``quantile`` of |z| at the int8 limit (127 steps).
 
-    Resolution matters where a gate must stay closed: a point differing from a pattern only in
-    coordinates below delta/2 is seen as inside. Saturating the few larger values costs nothing, as
-    signs survive saturation. Measured on the default MLP: delta = 2^-5 keeps every forget point's
-    nearest other training point at ~0.999x of its float32 violation."""
+    Resolution is what matters: a point differing from a pattern only in values below delta/2 is seen
+    as inside, so a fine step keeps gates closed on more retained points. Saturation costs nothing
+    for that, as signs survive it; it only caps each value's share of a violation at 128 steps, so
+    violations weigh mostly how many values disagree. Measured on the default MLP (1000 forget points,
+    gates on layer 2 only): retained points sharing a gate's integer pattern 63 at the 0.99 quantile,
+    40 at the median, 39 at any finer step (the exact-pattern duplicates no gate can separate)."""
     if z.size == 0:
         return DEFAULT_SCALE_LOG2
     top = float(np.quantile(np.abs(z), quantile))
@@ -250,6 +252,8 @@ def build_patch_graph(
     sizes = [g.size for g in gated]
     if params.signs.shape[1] != sum(sizes):
         raise ValueError(f"signs have {params.signs.shape[1]} columns, gated tensors hold {sum(sizes)} values")
+    if 128 * sum(sizes) >= 2**24:
+        raise ValueError(f"{sum(sizes)} gated values: |q|_1 could reach 2^24 and lose float32 exactness")
     nodes = []
     flat = []
     for i, g in enumerate(gated):

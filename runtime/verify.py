@@ -104,7 +104,10 @@ def check_structure(patch: PatchFile, source: str) -> tuple[onnx.ModelProto, Pat
     except Exception as exc:
         raise StructureError(f"{source}: patch graph expected ONNX, found undecodable bytes ({exc})") from None
     params = extract_params(model, m.prefix, len(m.records), m.gated_size, m.n_classes, m.form)
-    canonical = build_patch_graph(m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+    try:
+        canonical = build_patch_graph(m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+    except ValueError as exc:
+        raise StructureError(f"{source}: no canonical patch graph exists for this manifest: {exc}") from None
     if model != canonical:
         raise StructureError(f"{source}: patch graph is not the canonical gated-affine graph: {_first_difference(canonical, model)}")
     return model, params
