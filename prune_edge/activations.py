@@ -9,13 +9,16 @@ request: a ``collapse`` request is then a few array lookups and one matrix produ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from .models.nets import PreactNet
-from .runtime.patchgraph import choose_scale_log2, quantize
+from .runtime.model import make_session
+from .runtime.patchgraph import QUANT_ZERO_POINT, choose_scale_log2, quantize
 
 
 @torch.no_grad()
@@ -30,25 +33,50 @@ def gated_forward(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) 
     return torch.cat(zs), torch.cat(logits)
 
 
-@dataclass(frozen=True)
+@dataclass
 class GatedView:
     """The training set's gated values for gates starting at one hidden layer."""
 
     z: np.ndarray  # (N, M) float32 pre-activations, layers start.. concatenated
     logits: np.ndarray  # (N, C) float32
     scale_log2: int  # the gate's quantization step 2^e, chosen from this training set
-    q: np.ndarray  # (N, M) float32 holding the gate's integers (exact), for BLAS products
-    l1: np.ndarray  # (N,) float32 |q|_1 (exact)
+    q: np.ndarray  # (N, M) int8 codes of the gate's integers (quantize(z))
+    l1: np.ndarray  # (N,) int32 |q|_1
+    _product: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
 
     def signs(self, rows: np.ndarray) -> np.ndarray:
         """Activation patterns (int8 +-1, zero counts as inactive) of the given training rows."""
         return np.where(self.z[rows] > 0, 1, -1).astype(np.int8)
 
+    def violation_steps(self, signs: np.ndarray) -> np.ndarray:
+        """(N, P) int32 ``|q|_1 - q.s`` (= 2 sum_i relu(-s_i q_i)) of every training point against P sign
+        rows: exactly the integer the device's gate sees, from the same uint8 x int8 onnxruntime
+        kernel (about 2.5x faster than a float32 BLAS product here)."""
+        qs = self._session().run(None, {"signs": np.ascontiguousarray(signs.T, dtype=np.int8)})[0]
+        return self.l1[:, None] - qs
+
     def violations(self, signs: np.ndarray) -> np.ndarray:
-        """(N, P) violations sum_i relu(-s_i q_i) * delta of every training point against P sign rows,
-        the quantity the device's gate sees (exact: integer sums below 2^24 in float32)."""
-        v = self.l1[:, None] - self.q @ signs.astype(np.float32).T
-        return v * np.float32(2.0**self.scale_log2 / 2)
+        """(N, P) float32 violations sum_i relu(-s_i q_i) * delta, in the units of the gate's 1/gamma."""
+        return self.violation_steps(signs).astype(np.float32) * np.float32(self.step / 2)
+
+    @property
+    def step(self) -> float:
+        """delta, the gate's quantization step."""
+        return float(2.0**self.scale_log2)
+
+    def _session(self) -> ort.InferenceSession:
+        if self._product is None:
+            n, m = self.q.shape
+            codes = (self.q.astype(np.int16) + QUANT_ZERO_POINT).astype(np.uint8)
+            graph = helper.make_graph(
+                [helper.make_node("MatMulInteger", ["codes", "signs", "zp"], ["qs"])], "train_violations",
+                [helper.make_tensor_value_info("signs", TensorProto.INT8, [m, "P"])],
+                [helper.make_tensor_value_info("qs", TensorProto.INT32, [n, "P"])],
+                [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(np.array(QUANT_ZERO_POINT, np.uint8), "zp")],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+            self._product = make_session(model.SerializeToString(), spin=False)
+        return self._product
 
 
 class TrainActivations:
@@ -64,9 +92,9 @@ class TrainActivations:
             z_t, logits_t = gated_forward(self.net, self.x_train, start)
             z = np.ascontiguousarray(z_t.numpy(), dtype=np.float32)
             e = choose_scale_log2(z)
-            q = quantize(z, e).astype(np.float32)
-            self._views[start] = GatedView(z=z, logits=logits_t.numpy().astype(np.float32), scale_log2=e, q=q,
-                                           l1=np.abs(q).sum(1, dtype=np.float32))
+            q = quantize(z, e)
+            self._views[start] = GatedView(z=z, logits=logits_t.numpy().astype(np.float32), scale_log2=e,
+                                           q=q.astype(np.int8), l1=np.abs(q).sum(1).astype(np.int32))
         return self._views[start]
 
     @property

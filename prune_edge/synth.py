@@ -116,7 +116,7 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
 
 def choose_target(rng: np.random.Generator, forbidden: set[int], n_classes: int) -> int:
     choices = [c for c in range(n_classes) if c not in forbidden]
-    return int(rng.choice(choices))
+    return choices[int(rng.integers(len(choices)))]
 
 
 def synthesize(
@@ -213,10 +213,12 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
     The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
     well before the nearest retained point or other record's forget point. Returns how many records
     share their exact region with such a point (their gate cannot exclude it)."""
-    viol = view.violations(np.stack([r.signs for r in records]))  # (N_train, P)
+    steps = view.violation_steps(np.stack([r.signs for r in records]))  # (N_train, P) int32, exact
+    never = np.iinfo(np.int32).max
     for k, r in enumerate(records):
-        viol[forget_ids[r.members], k] = np.inf  # a record's own forget points may open its gate
-    v_min = viol.min(axis=0) if len(viol) else np.full(len(records), np.inf)
+        steps[forget_ids[r.members], k] = never  # a record's own forget points may open its gate
+    mins = steps.min(axis=0) if len(steps) else np.full(len(records), never)
+    v_min = np.where(mins == never, np.inf, mins * (view.step / 2))
     overlaps = 0
     for k, r in enumerate(records):
         if config.gamma is not None:
@@ -224,6 +226,8 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
         elif v_min[k] <= 0:
             overlaps += 1
             r.gamma = config.max_gamma
+        elif not np.isfinite(v_min[k]):
+            r.gamma = config.max_gamma  # nothing else to keep out: the tightest gate is the cautious one
         else:
             r.gamma = float(min(config.max_gamma, config.gate_safety / float(v_min[k])))
     return overlaps

@@ -13,11 +13,18 @@ from .fileio import PathLike
 from .verify import VerifiedPatch, verify_patch
 
 
-def make_session(model_bytes: bytes, threads: int | None = None, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session with full graph optimisation (constant folding casts the signs once)."""
+def make_session(
+    model_bytes: bytes, threads: int | None = None, providers: Sequence[str] | None = None, spin: bool = True
+) -> ort.InferenceSession:
+    """An onnxruntime session with full graph optimisation (constant folding of the patch prologue).
+
+    ``spin=False`` stops idle worker threads from busy-waiting after a run: right for a session used
+    now and then inside other work (they would steal the cores that work needs), wrong for serving."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

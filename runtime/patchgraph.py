@@ -82,8 +82,9 @@ def affine_from_scales(
     ``t = Pbar^-1 b`` (float64). Written the second way, a = 1 gives T = 0 exactly and a = 0 gives
     T = -I exactly, so the cheap graph forms apply without round-off."""
     pbar, inv = _completed_spec_and_inverse(target, n_classes)
-    a = np.append(np.asarray(alpha, float), mean_scale)
-    b = np.append(np.asarray(beta, float), mean_shift)
+    a, b = np.empty(n_classes), np.empty(n_classes)
+    a[:-1], a[-1] = alpha, mean_scale
+    b[:-1], b[-1] = beta, mean_shift
     if not a.any():
         T = -np.eye(n_classes)
     else:
