@@ -258,6 +258,9 @@ def build_patch_graph(
     nodes = []
     flat = []
     for i, g in enumerate(gated):
+        if len(g.shape) == 1:
+            flat.append(g.name)  # already (N, M_i): a Flatten would only copy
+            continue
         name = f"{prefix}flat{i}"
         nodes.append(helper.make_node("Flatten", [g.name], [name], axis=1, name=name))
         flat.append(name)
