@@ -4,7 +4,8 @@ Every unlearning request needs the same two things about the whole training set:
 pattern and logits of the points to forget (they are training points), and the gate violation of
 every retained point (to choose gate widths). Both come from one forward pass over the training set
 that does not depend on the request, so a server that keeps a base loaded pays it once, not per
-request: a ``collapse`` request is then a few array lookups and one matrix product.
+request: a ``collapse`` request is then a few array lookups and one uint8 x int8 product, computed by
+the same onnxruntime kernel and on the same integers as the device's gates.
 """
 
 from __future__ import annotations
