@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from .errors import PatchFormatError
 
 FORMAT_NAME = "prune-edge-patch"
-FORMAT_VERSION = 1
+# 2: gates on int8-quantized values (QuantizeLinear + MatMulInteger); 1 had float32 gates.
+FORMAT_VERSION = 2
 MODES = ("prune", "collapse")
 FORMS = ("shift", "collapse", "affine")  # graph forms, see patchgraph
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

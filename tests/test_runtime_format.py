@@ -173,7 +173,7 @@ def _delete(path: str):
 
 
 INVALID_MANIFESTS = [
-    ("format_version_2", _set("format_version", 2), r"signed\.format_version: expected 1"),
+    ("format_version_1", _set("format_version", 1), r"signed\.format_version: expected 2"),
     ("format_version_bool", _set("format_version", True), r"signed\.format_version: expected int, found True"),
     ("format_name", _set("format", "other-format"), r"signed\.format: expected 'prune-edge-patch'"),
     ("unknown_top_key", _set("extra", 1), r"signed: expected only keys .*found \['extra'\]"),
@@ -438,7 +438,7 @@ def test_container_invalid_manifest_inside(tiny):
     doc["format_version"] = FORMAT_VERSION + 1
     env = json.dumps({"signed": doc, "signatures": []})
     # NOTE: manifest-schema messages do not name the file (Manifest.from_json has no source); reported.
-    _refuses(zip_members([(MANIFEST_NAME, env.encode()), (GRAPH_NAME, graph)]), r"signed\.format_version: expected 1", named=False)
+    _refuses(zip_members([(MANIFEST_NAME, env.encode()), (GRAPH_NAME, graph)]), r"signed\.format_version: expected 2", named=False)
 
 
 def test_graph_digest_mismatch(tiny):
