@@ -11,7 +11,10 @@ pytest.importorskip("torch")
 from prune_edge.bench import format_table, run_bench  # noqa: E402
 
 
-def test_bench_small_run(tmp_path, mlp_base):
+def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
+    import prune_edge.bench as bench_module
+
+    monkeypatch.setattr(bench_module, "GOAL_PATCH_COUNTS", (3,))  # exercise the one-thread goal rows cheaply
     out = tmp_path / "bench"
     r = run_bench(out, points=2, latency_patches=(3,), base_dir=mlp_base, progress=False, sweep_gate_layers=("all",))
     saved = json.loads((out / "bench.json").read_text())
@@ -22,8 +25,10 @@ def test_bench_small_run(tmp_path, mlp_base):
         assert b["speedup_vs_retrain"] == pytest.approx(r["retrain_seconds"] / b["build_seconds"])
         assert 0 < b["patch_to_base"] < 0.01
     assert r["builds"]["prune"]["lp_solves"] == 2 * 2 * 9  # two points, two LPs per row, nine rows
-    rows = {(l["patches"], l["batch"], l["mode"]) for l in r["latency"]}
-    assert rows == {(3, 1, "collapse"), (3, 256, "collapse"), (2, 1, "prune"), (2, 256, "prune")}
+    rows = {(l["patches"], l["batch"], l["mode"], l["threads"]) for l in r["latency"]}
+    assert rows == {(3, 1, "collapse", "default"), (3, 256, "collapse", "default"), (3, 256, "collapse", 1),
+                    (2, 1, "prune", "default"), (2, 256, "prune", "default")}
     assert all(l["base_ms"] > 0 and l["patched_ms"] > 0 for l in r["latency"])
     table = format_table(r)
     assert "retrain without forget set" in table and "goal >= 1000x" in table
+    assert "3 collapse patches, gate all, 1 thread" in table
