@@ -29,6 +29,7 @@ from .data import NAMED_DATASETS, Dataset, load_dataset
 from .exporters.onnx_base import export_base
 from .models.nets import PreactNet, build_model
 from .runtime.errors import BaseModelError
+from .runtime.base import BaseGraph
 from .runtime.fileio import PathLike, sha256_file
 from .runtime.model import PatchedModel
 from .train import TrainConfig, fit
@@ -57,6 +58,15 @@ class BaseBundle:
         """The training set through this base, kept for the bundle's lifetime: a server that holds
         a loaded base answers every later request without another pass over the training set."""
         return TrainActivations(self.net, self.dataset.x_train)
+
+    @cached_property
+    def graph(self) -> BaseGraph:
+        """base.onnx as the device sees it, loaded once (with its shape inference): every patch built
+        from this bundle is checked against it before it is written."""
+        graph = BaseGraph.load(self.onnx_path)
+        if graph.sha256 != self.card["onnx"]["sha256"]:
+            raise BaseModelError(f"{self.onnx_path}: changed on disk since the base was loaded (sha256 {graph.sha256[:16]}...)")
+        return graph
 
     @property
     def train_config(self) -> TrainConfig:

@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from .report import table
+from .runtime.fileio import atomic_path, atomic_write_bytes
 
 GOALS = {
     "collapse_speedup": 1000.0,
@@ -106,6 +107,7 @@ def run_bench(
         }
 
     base_model = PatchedModel(bundle.onnx_path, threads=threads)
+    base_one_thread = PatchedModel(bundle.onnx_path, threads=1) if threads is None else None
     latency = []
     # The sweep uses collapse patches (no LP, so 1000 points build in a second); their graph form has
     # three more small nodes than prune's "shift" form, so prune patches of the same size are cheaper.
@@ -124,8 +126,7 @@ def run_bench(
             if threads is None and count in GOAL_PATCH_COUNTS:
                 # The goal rows again on one onnxruntime thread (many devices run one): on a small shared
                 # machine the multi-threaded figures carry most of the run-to-run noise.
-                row = compare_latency(PatchedModel(bundle.onnx_path, threads=1),
-                                      PatchedModel(bundle.onnx_path, [path], threads=1), ds.x_test[:256])
+                row = compare_latency(base_one_thread, PatchedModel(bundle.onnx_path, [path], threads=1), ds.x_test[:256])
                 latency.append({"patches": count, "mode": "collapse", "gate_layers": gate_layers, "threads": 1, **row})
     prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"], threads=threads)
     for batch in (1, 256):
@@ -151,7 +152,7 @@ def run_bench(
         "latency": latency,
         "goals": GOALS,
     }
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_bytes(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
     _plot(results, out / "bench.png")
     return results
 
@@ -183,7 +184,8 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax2.set_title("onnxruntime latency")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

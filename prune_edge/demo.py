@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from .basedir import load_base, train_base
 from .latency import compare_latency
 from .report import pct, table
 from .requests import random_forget_ids, write_forget_ids
-from .runtime.base import BaseGraph
+from .runtime.fileio import atomic_write_bytes
 from .runtime.model import PatchedModel
 from .runtime.verify import certify_patch
 from .synth import SynthConfig
@@ -37,7 +36,7 @@ def run_demo(out: Path, points: int = 20, mode: str = "prune", seed: int = 0, de
     log(f"[2/5] building a {mode} patch for {points} random training points")
     report = build_point_patch(bundle, ids, SynthConfig(mode=mode, seed=seed), patch, device=device, progress=progress)
     log("[3/5] certifying the patch on the device path (no torch)")
-    cert = certify_patch(patch, BaseGraph.load(bundle.onnx_path))
+    cert = certify_patch(patch, bundle.graph)
     if not cert.passed:
         raise RuntimeError(f"the demo's own patch failed certification: {cert.failure}")
     log("[4/5] composing base + patch with onnxruntime and measuring latency")
@@ -60,6 +59,7 @@ def run_demo(out: Path, points: int = 20, mode: str = "prune", seed: int = 0, de
     rows += [("certify", "", "PASS: " + ", ".join(c.name for c in cert.checks))]
     text = table(rows, header=("", "before / base", "after / patched"))
     result = {"base": str(base_dir), "patch": str(patch), "report": report, "latency": latency, "certify": cert.to_json(), "table": text}
-    (out / "demo.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str) + "\n")
+    doc = json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str) + "\n"
+    atomic_write_bytes(out / "demo.json", doc.encode())
     log(f"[5/5] done: {out / 'demo.json'}")
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,13 +10,6 @@ from .runtime.fileio import PathLike
 from .runtime.model import PatchedModel
 
 LOCALITY_ATOL = 1e-5
-
-
-@dataclass
-class Split:
-    name: str
-    x: np.ndarray
-    y: np.ndarray
 
 
 def _acc(pred: np.ndarray, y: np.ndarray) -> float:
@@ -46,11 +38,11 @@ def evaluate_patch(
     }
     out: dict[str, Any] = {"accuracy": {}, "locality": {}}
     for name, (x, y) in splits.items():
-        lb, lp = base.logits(x), patched.logits(x)
+        lb, (lp, gate_list) = base.logits(x), patched.logits_and_gates(x)
         out["accuracy"][name] = {"before": _acc(lb.argmax(1), y), "after": _acc(lp.argmax(1), y)}
         if name != "forget":
             delta = np.abs(lp - lb).max(axis=1)
-            gates = np.concatenate(patched.gates(x), axis=1) if patched.patches else np.zeros((len(x), 0))
+            gates = np.concatenate(gate_list, axis=1) if gate_list else np.zeros((len(x), 0))
             out["locality"][name] = {
                 "points": int(len(x)),
                 "unchanged": int((delta <= LOCALITY_ATOL).sum()),

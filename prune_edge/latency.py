@@ -3,24 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import numpy as np
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 30, warmup: int = 3, min_seconds: float = 0.2) -> float:
-    """Median wall time of ``fn()`` in milliseconds (at least ``repeats`` runs and ``min_seconds``)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 10 * repeats:
-            break
-    return float(np.median(times) * 1e3)
 
 
 def compare_latency(

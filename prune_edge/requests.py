@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime.errors import RequestError
-from .runtime.fileio import PathLike
+from .runtime.fileio import PathLike, atomic_write_bytes
 
 
 def read_forget_ids(path: PathLike, n_train: int) -> np.ndarray:
@@ -52,6 +52,5 @@ def random_forget_ids(n_train: int, count: int, seed: int) -> np.ndarray:
 
 
 def write_forget_ids(path: PathLike, ids: np.ndarray) -> None:
-    from .runtime.fileio import atomic_write_bytes
-
+    """One id per line, the format :func:`read_forget_ids` reads (written atomically)."""
     atomic_write_bytes(path, ("\n".join(str(int(i)) for i in ids) + "\n").encode())

@@ -12,7 +12,6 @@ import numpy as np
 from .basedir import BaseBundle
 from .evaluate import evaluate_patch
 from .exporters.patch_export import BaseRef, RecordCert, build_patch, commit_ids, new_salt, write_patch
-from .runtime.base import BaseGraph
 from .runtime.fileio import PathLike, atomic_write_bytes
 from .runtime.manifest import GatedTensor
 from .runtime.patchfile import unpack
@@ -61,7 +60,7 @@ def build_point_patch(
         base_ref(bundle, result.start), result.params(), certs_of(result), config.mode, config.q_lower, config.q_upper, request
     )
     export_seconds = time.perf_counter() - t0
-    verify_patch(unpack(data, source=Path(out).name), BaseGraph.load(bundle.onnx_path))
+    verify_patch(unpack(data, source=Path(out).name), bundle.graph)
     write_patch(out, data)
     sidecar = {
         "patch_id": manifest.patch_id,

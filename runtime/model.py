@@ -79,10 +79,15 @@ class PatchedModel:
 
     def gates(self, x: np.ndarray) -> list[np.ndarray]:
         """Per patch, the (N, records) gate values: 1 inside a record's region, 0 where it is closed."""
+        return self.logits_and_gates(x)[1]
+
+    def logits_and_gates(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Patched logits and every patch's gates from one run (the gates are extra graph outputs)."""
         x = self.base.check_input(x)
         if not self.patches:
-            return []
+            return self.logits(x), []
         if self._gate_session is None:
             model = compose(self.base.model, self.patches, expose_gates=True)
             self._gate_session = make_session(model.SerializeToString(), self._threads, self._providers)
-        return self._gate_session.run(None, {self.base.input_name: x})[1:]
+        logits, *gates = self._gate_session.run(None, {self.base.input_name: x})
+        return logits, gates

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import IntegrityError, PatchFormatError
 from .fileio import PathLike, sha256_bytes
-from .manifest import Manifest
+from .manifest import FORMAT_VERSION, Manifest
 
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAME = "patch.onnx"
@@ -90,7 +90,9 @@ def unpack(data: bytes, source: str = "patch") -> PatchFile:
     signatures = envelope["signatures"]
     if not isinstance(signatures, list) or signatures:
         # The slot exists from format 1 on; signed patches need a trust store (a later format).
-        raise PatchFormatError(f"{source}: expected an empty signatures list in format 1, found {signatures!r:.60}")
+        raise PatchFormatError(
+            f"{source}: expected an empty signatures list in format {FORMAT_VERSION}, found {signatures!r:.60}"
+        )
     try:
         manifest = Manifest.from_json(envelope["signed"])
     except PatchFormatError as exc:

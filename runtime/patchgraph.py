@@ -132,14 +132,6 @@ def quantize(z: np.ndarray, scale_log2: int) -> np.ndarray:
     return np.clip(np.rint(scaled), -128, 127).astype(np.int32)
 
 
-def gate_excess(q: np.ndarray, signs: np.ndarray, scale_log2: int) -> np.ndarray:
-    """(N, P) excess ``delta (|q|_1 - q.s)`` of quantized values against sign rows, as the graph
-    computes it (exact integers, then one scaling by a power of two)."""
-    qi = np.asarray(q, np.int64)
-    v = np.abs(qi).sum(1, keepdims=True) - qi @ np.asarray(signs, np.int64).T
-    return v.astype(np.float32) * np.float32(2.0**scale_log2)
-
-
 def choose_scale_log2(z: np.ndarray, quantile: float = 0.5) -> int:
     """delta = the power of two that puts the ``quantile`` of |z| at the int8 limit (127 steps).
 
@@ -195,7 +187,7 @@ def _affine_shape(form: str, p: int, c: int) -> tuple[int, int]:
     return (p, c) if form in ("shift", "collapse") else (p * (c + 1), c)
 
 
-MIN_OPSET = 13  # axes/split as inputs, Clip bounds as inputs
+MIN_OPSET = 13  # ReduceSum axes and Clip bounds as inputs
 
 
 def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorProto]:
@@ -219,14 +211,6 @@ def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorPro
         arrays["axis2"] = np.array([2], np.int64)
         arrays["flat_shape"] = np.array([0, params.n_records * params.n_classes], np.int64)
     return [numpy_helper.from_array(v, n[k]) for k, v in arrays.items()]
-
-
-def _reduce(op: str, x: str, out: str, axes: str, opset: int) -> onnx.NodeProto:
-    """Reduce over axis 1, keeping dims; axes moved from attribute to input in opset 13 (ReduceSum)
-    and 18 (ReduceL1)."""
-    if op == "ReduceSum" or opset >= 18:
-        return helper.make_node(op, [x, axes], [out], keepdims=1, name=out)
-    return helper.make_node(op, [x], [out], axes=[1], keepdims=1, name=out)
 
 
 def build_patch_graph(
@@ -280,7 +264,7 @@ def build_patch_graph(
         # measured faster than ReduceL1 in onnxruntime)
         helper.make_node("DequantizeLinear", [q, n["unit"], n["zp"]], [n["qf"]], name=n["qf"]),
         helper.make_node("Abs", [n["qf"]], [n["qabs"]], name=n["qabs"]),
-        _reduce("ReduceSum", n["qabs"], n["l1"], n["axis1"], opset),
+        helper.make_node("ReduceSum", [n["qabs"], n["axis1"]], [n["l1"]], keepdims=1, name=n["l1"]),
         helper.make_node("Cast", [n["qs"]], [n["qsf"]], to=TensorProto.FLOAT, name=n["qsf"]),
         # |q|_1 - q.s: an exact, even, non-negative integer; 0 on the record's region
         helper.make_node("Sub", [n["l1"], n["qsf"]], [n["excess"]], name=n["excess"]),

@@ -26,6 +26,13 @@ from prune_edge.runtime.errors import DatasetError
 N_TRAIN, N_TEST = 20, 10
 
 
+def assert_refused(source, match: str) -> None:
+    """Loading ``source`` raises a one-line DatasetError matching ``match``."""
+    with pytest.raises(DatasetError, match=match) as info:
+        load_dataset(source)
+    assert "\n" not in str(info.value)
+
+
 def scaled(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) / np.float32(255.0)
 
@@ -280,17 +287,14 @@ IDX_CORRUPTIONS = [
 def test_idx_corruptions_raise_dataset_error(tmp_path, kind, match):
     folder = tmp_path / "mnist"
     _corrupt_idx(kind, folder)
-    with pytest.raises(DatasetError, match=match) as info:
-        load_dataset(folder)
-    assert "\n" not in str(info.value)
+    assert_refused(folder, match)
 
 
 def test_not_gzip_with_gz_suffix(tmp_path):
     arrays = make_idx_arrays()
     folder = write_idx_folder(tmp_path / "m", arrays, gz=True)
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(idx_labels_bytes(arrays["test_labels"]))
-    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\.gz: expected a complete gzip"):
-        load_dataset(folder)
+    assert_refused(folder, r"t10k-labels-idx1-ubyte\.gz: expected a complete gzip")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,9 +467,7 @@ def test_cifar_corruptions_raise_dataset_error(tmp_path, monkeypatch, kind, matc
     monkeypatch.chdir(tmp_path)  # where the eval payload would drop its file
     folder = tmp_path / "cifar"
     _corrupt_cifar(kind, folder)
-    with pytest.raises(DatasetError, match=match) as info:
-        load_dataset(folder)
-    assert "\n" not in str(info.value)
+    assert_refused(folder, match)
     # the payloads were refused, not executed
     assert not (folder / "PWNED").exists()
     assert not (tmp_path / "pwned").exists()
@@ -594,9 +596,7 @@ NPZ_CORRUPTIONS = [
 def test_npz_corruptions_raise_dataset_error(tmp_path, kind, match):
     path = tmp_path / "d.npz"
     _corrupt_npz(kind, path)
-    with pytest.raises(DatasetError, match=match) as info:
-        load_dataset(path)
-    assert "\n" not in str(info.value)
+    assert_refused(path, match)
 
 
 def test_npy_instead_of_npz(tmp_path):
@@ -604,8 +604,7 @@ def test_npy_instead_of_npz(tmp_path):
     with open(path, "wb") as fh:
         np.save(fh, np.zeros(3))
     match = r"single\.npz: expected an \.npz archive .*found a single"
-    with pytest.raises(DatasetError, match=match):
-        load_dataset(path)
+    assert_refused(path, match)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,8 +659,7 @@ def test_save_npz_round_trip_of_loaded_idx(tmp_path):
 )
 def test_dispatch_errors(tmp_path, monkeypatch, make, match):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DatasetError, match=match):
-        load_dataset(make(tmp_path))
+    assert_refused(make(tmp_path), match)
 
 
 def test_dataset_checks_hand_built_arrays():

@@ -25,7 +25,6 @@ from prune_edge.runtime.patchgraph import (
     DEFAULT_SCALE_LOG2,
     PatchParams,
     choose_scale_log2,
-    gate_excess,
     quantize,
     affine_from_scales,
     build_patch_graph,
@@ -395,7 +394,7 @@ def test_container_trailing_junk_refused(tiny):
 )
 def test_container_nonempty_signatures(tiny, signatures):
     data = pack(*tiny, signatures=signatures)
-    _refuses(data, r"expected an empty signatures list in format 1")
+    _refuses(data, rf"expected an empty signatures list in format {FORMAT_VERSION}")
 
 
 def test_container_signatures_not_list(tiny):
@@ -619,9 +618,11 @@ def test_gate_quantization_is_exactly_the_reference(canonical):
     sess = session(model, *q_names, prefix + "excess")
     outs = sess.run(None, feeds(z, f))
     q_dev = np.concatenate([q.reshape(len(z), -1) for q in outs[1:-1]], axis=1).astype(np.int32) - 128
-    np.testing.assert_array_equal(q_dev, quantize(z, params.scale_log2))
-    excess = outs[-1] * np.float32(step)
-    np.testing.assert_array_equal(excess, gate_excess(quantize(z, params.scale_log2), params.signs, params.scale_log2))
+    q = quantize(z, params.scale_log2).astype(np.int64)
+    np.testing.assert_array_equal(q_dev, q)
+    # the graph's |q|_1 - q.s is, exactly, twice the summed violation written out per coordinate
+    violation = np.maximum(-params.signs[None, :, :].astype(np.int64) * q[:, None, :], 0).sum(2)
+    np.testing.assert_array_equal(outs[-1], 2 * violation)
 
 
 def test_gate_is_exactly_one_on_the_region(canonical):

@@ -325,21 +325,26 @@ def _tamper_unused_initializer(model, prefix, c):
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), prefix + "spare"))
 
 
+def _replace_initializer(model, name, change) -> None:
+    """Swap initializer ``name`` for ``change(its array)``, keeping its place and name."""
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init).copy()), init.name))
+
+
 def _tamper_signs_zero(model, prefix, c):
-    init = next(i for i in model.graph.initializer if i.name == prefix + "signs")
-    arr = numpy_helper.to_array(init).copy()
-    arr[:5, 0] = 0  # drop five neurons from record 0's region: a larger region than certified
-    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    def drop(arr):
+        arr[:5, 0] = 0  # drop five neurons from record 0's region: a larger region than certified
+        return arr
+
+    _replace_initializer(model, prefix + "signs", drop)
 
 
 def _tamper_signs_float(model, prefix, c):
-    init = next(i for i in model.graph.initializer if i.name == prefix + "signs")
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    _replace_initializer(model, prefix + "signs", lambda arr: arr.astype(np.float32))
 
 
 def _tamper_delta_not_power_of_two(model, prefix, c):
-    init = next(i for i in model.graph.initializer if i.name == prefix + "delta")
-    init.CopyFrom(numpy_helper.from_array(np.array(0.03, np.float32), init.name))
+    _replace_initializer(model, prefix + "delta", lambda arr: np.array(0.03, np.float32))
 
 
 def _tamper_opset(model, prefix, c):
