@@ -78,16 +78,19 @@ def build_patch(
     digest.update(mode.encode())
     digest.update(repr(sorted(request.get("id_commitments", []))).encode())
     patch_id = digest.hexdigest()[:32]
+    def floats(v: Sequence[float] | None) -> tuple[float, ...] | None:
+        return None if v is None else tuple(np.asarray(v, dtype=np.float64).tolist())
+
     records = tuple(
         Record(
             target=int(c.target),
             gamma=float(np.float32(c.gamma)),
-            alpha=tuple(float(v) for v in c.alpha),
-            beta=tuple(float(v) for v in c.beta),
+            alpha=floats(c.alpha),
+            beta=floats(c.beta),
             mean_scale=float(c.mean_scale),
             mean_shift=float(c.mean_shift),
-            lower=None if c.lower is None else tuple(float(v) for v in c.lower),
-            upper=None if c.upper is None else tuple(float(v) for v in c.upper),
+            lower=floats(c.lower),
+            upper=floats(c.upper),
             points=int(c.points),
         )
         for c in certs

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .activations import GatedView, TrainActivations
+from .activations import NO_POINT, GatedView, TrainActivations
 from .models.nets import PreactNet
 from .lp import row_bounds_many
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
@@ -114,9 +114,10 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
     return alpha, np.floor(beta * 1e6) / 1e6
 
 
-def choose_target(rng: np.random.Generator, forbidden: set[int], n_classes: int) -> int:
+def choose_target(draw: float, forbidden: set[int], n_classes: int) -> int:
+    """The label at uniform ``draw`` in [0, 1) among the classes not forbidden."""
     choices = [c for c in range(n_classes) if c not in forbidden]
-    return choices[int(rng.integers(len(choices)))]
+    return choices[min(int(draw * len(choices)), len(choices) - 1)]
 
 
 def synthesize(
@@ -156,11 +157,13 @@ def synthesize(
     groups: dict[bytes, list[int]] = {}
     for i, s in enumerate(signs):
         groups.setdefault(s.tobytes(), []).append(i)
-    preds = logits.argmax(1)
+    preds = logits.argmax(1).tolist()
+    labels = y_train[forget_ids].tolist()
+    draws = rng.random(len(groups)).tolist()  # one draw per record, in record order: deterministic by seed
     plans = []
-    for members in groups.values():
-        forbidden = {int(y_train[forget_ids[i]]) for i in members} | {int(preds[i]) for i in members}
-        plans.append((members, choose_target(rng, forbidden, n_classes)))
+    for members, draw in zip(groups.values(), draws):
+        forbidden = {labels[i] for i in members} | {preds[i] for i in members}
+        plans.append((members, choose_target(draw, forbidden, n_classes)))
     lp_solves, t_lp = 0, 0.0
     if config.mode == "prune":
         t1 = time.perf_counter()
@@ -168,6 +171,7 @@ def synthesize(
         bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
         lp_solves = sum(b[2] for b in bounds)
         t_lp = time.perf_counter() - t1
+    means = np.round(logits.mean(axis=1), 6).tolist()  # collapse keeps each region's mean logit
     records: list[RecordData] = []
     for k, (members, target) in enumerate(plans):
         rep = members[0]
@@ -179,7 +183,7 @@ def synthesize(
             lower = upper = None
             alpha = np.zeros(n_classes - 1)
             beta = np.full(n_classes - 1, config.q_upper)
-            mean_scale, mean_shift = 0.0, float(np.round(logits[rep].mean(), 6))
+            mean_scale, mean_shift = 0.0, means[rep]
         T, t = affine_from_scales(target, alpha, beta, mean_scale, mean_shift, n_classes)
         records.append(
             RecordData(
@@ -213,12 +217,10 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
     The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
     well before the nearest retained point or other record's forget point. Returns how many records
     share their exact region with such a point (their gate cannot exclude it)."""
-    steps = view.violation_steps(np.stack([r.signs for r in records]))  # (N_train, P) int32, exact
-    never = np.iinfo(np.int32).max
-    for k, r in enumerate(records):
-        steps[forget_ids[r.members], k] = never  # a record's own forget points may open its gate
-    mins = steps.min(axis=0) if len(steps) else np.full(len(records), never)
-    v_min = np.where(mins == never, np.inf, mins * (view.step / 2))
+    exclude = [forget_ids[r.members] for r in records]  # a record's own forget points may open its gate
+    rows = np.array([forget_ids[r.members[0]] for r in records])
+    mins = view.min_violation_steps(np.stack([r.signs for r in records]), rows, exclude)  # exact integers
+    v_min = np.where(mins == NO_POINT, np.inf, mins * (view.step / 2))
     overlaps = 0
     for k, r in enumerate(records):
         if config.gamma is not None:

@@ -474,3 +474,31 @@ def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
     for a, b in zip((cached.params().signs, cached.params().gamma, cached.params().t),
                     (fresh.params().signs, fresh.params().gamma, fresh.params().t)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_violation_index_gives_exactly_the_product_minima(mlp_bundle, forget_ids):
+    """The per-base nearest-violation index is a shortcut, never an approximation: gate widths and
+    minima equal the full product's, including rows it must hand back to the product (a pattern that
+    is not its row's own, an index row made only of excluded points)."""
+    from prune_edge.activations import NO_POINT, TrainActivations
+    from prune_edge.synth import synthesize
+
+    ds = mlp_bundle.dataset
+    fresh = TrainActivations(mlp_bundle.net, ds.x_train)  # not the shared bundle's: this test indexes it
+    view = fresh.view(0)
+    cfg = SynthConfig(mode="collapse")
+    plain = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, progress=False, activations=fresh)
+    view.build_index(k=3, chunk=700)
+    assert view.nearest_steps.shape == (len(ds.x_train), 3)
+    assert np.all(np.diff(view.nearest_steps, axis=1) >= 0) and np.all(view.nearest_steps[:, 0] == 0)
+    indexed = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, progress=False, activations=fresh)
+    np.testing.assert_array_equal(plain.params().gamma, indexed.params().gamma)
+
+    rows = forget_ids[:4].copy()
+    signs = view.signs(rows)
+    signs[1, 7] *= -1  # not row 1's own pattern: the index does not apply
+    exclude = [rows[:1], rows[1:2], view.nearest_ids[rows[2]], np.array([], dtype=np.int64)]  # row 2: all excluded
+    brute = view.violation_steps(signs).astype(np.int64)
+    for p, e in enumerate(exclude):
+        brute[e, p] = NO_POINT
+    np.testing.assert_array_equal(view.min_violation_steps(signs, rows, exclude), brute.min(axis=0))
