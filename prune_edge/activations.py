@@ -79,6 +79,7 @@ class GatedView:
 
         n = len(self.q)
         k = min(k, n)
+        chunk = max(1, min(chunk, (1 << 23) // n))  # a block holds at most 8M int32 (N = 60k: 139 rows)
         ids = np.empty((n, k), dtype=np.int32)
         steps = np.empty((n, k), dtype=np.int32)
         for lo in tqdm(range(0, n, chunk), desc="violation index", unit="chunk", disable=not progress, leave=False):
