@@ -78,6 +78,7 @@ def build_patch(
     digest.update(mode.encode())
     digest.update(repr(sorted(request.get("id_commitments", []))).encode())
     patch_id = digest.hexdigest()[:32]
+
     def floats(v: Sequence[float] | None) -> tuple[float, ...] | None:
         return None if v is None else tuple(np.asarray(v, dtype=np.float64).tolist())
 

@@ -22,7 +22,7 @@ from .activations import NO_POINT, GatedView, TrainActivations
 from .models.nets import PreactNet
 from .lp import row_bounds_many
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
-from .runtime.patchgraph import PatchParams, affine_from_scales, spec_rows
+from .runtime.patchgraph import PatchParams, affine_from_scales_many, spec_rows
 
 MODES = ("prune", "collapse")
 
@@ -171,27 +171,28 @@ def synthesize(
         bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
         lp_solves = sum(b[2] for b in bounds)
         t_lp = time.perf_counter() - t1
-    means = np.round(logits.mean(axis=1), 6).tolist()  # collapse keeps each region's mean logit
-    records: list[RecordData] = []
-    for k, (members, target) in enumerate(plans):
-        rep = members[0]
-        if config.mode == "prune":
-            lower, upper = _round_outward(bounds[k][0], bounds[k][1])
-            alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper)
-            mean_scale, mean_shift = 1.0, 0.0
-        else:
-            lower = upper = None
-            alpha = np.zeros(n_classes - 1)
-            beta = np.full(n_classes - 1, config.q_upper)
-            mean_scale, mean_shift = 0.0, means[rep]
-        T, t = affine_from_scales(target, alpha, beta, mean_scale, mean_shift, n_classes)
-        records.append(
-            RecordData(
-                signs=signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha, beta=beta,
-                mean_scale=mean_scale, mean_shift=mean_shift, lower=lower, upper=upper, T=T, t=t,
-                members=list(members),
-            )
+    # Every record's scales, then PRUNE's closed form for all of them at once.
+    reps = [members[0] for members, _ in plans]
+    p, rows = len(plans), n_classes - 1
+    if config.mode == "prune":
+        lower, upper = _round_outward(np.stack([bd[0] for bd in bounds]), np.stack([bd[1] for bd in bounds]))
+        alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper)
+        mean_scale, mean_shift = np.ones(p), np.zeros(p)
+    else:
+        lower = upper = None
+        alpha, beta = np.zeros((p, rows)), np.full((p, rows), config.q_upper)
+        mean_scale, mean_shift = np.zeros(p), np.round(logits[reps].mean(axis=1), 6)  # the region's mean logit
+    T, t = affine_from_scales_many([target for _, target in plans], np.column_stack([alpha, mean_scale]),
+                                   np.column_stack([beta, mean_shift]), n_classes)
+    records = [
+        RecordData(
+            signs=signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha[k], beta=beta[k],
+            mean_scale=float(mean_scale[k]), mean_shift=float(mean_shift[k]),
+            lower=None if lower is None else lower[k], upper=None if upper is None else upper[k], T=T[k], t=t[k],
+            members=list(members),
         )
+        for k, ((members, target), rep) in enumerate(zip(plans, reps))
+    ]
     t_gates = time.perf_counter()
     overlaps = _set_gates(view, forget_ids, records, config)
     t_end = time.perf_counter()

@@ -78,18 +78,28 @@ def _completed_spec_and_inverse(target: int, n_classes: int) -> tuple[np.ndarray
 def affine_from_scales(
     target: int, alpha: np.ndarray, beta: np.ndarray, mean_scale: float, mean_shift: float, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PRUNE's closed form: ``T = Pbar^-1 diag(a) Pbar - I = Pbar^-1 (diag(a) - I) Pbar``,
-    ``t = Pbar^-1 b`` (float64). Written the second way, a = 1 gives T = 0 exactly and a = 0 gives
-    T = -I exactly, so the cheap graph forms apply without round-off."""
-    pbar, inv = _completed_spec_and_inverse(target, n_classes)
-    a, b = np.empty(n_classes), np.empty(n_classes)
-    a[:-1], a[-1] = alpha, mean_scale
-    b[:-1], b[-1] = beta, mean_shift
-    if not a.any():
-        T = -np.eye(n_classes)
-    else:
-        T = inv @ np.diag(a - 1.0) @ pbar
-    return T, inv @ b
+    """PRUNE's closed form for one record: see :func:`affine_from_scales_many`."""
+    a = np.append(np.asarray(alpha, dtype=np.float64), mean_scale)[None]
+    b = np.append(np.asarray(beta, dtype=np.float64), mean_shift)[None]
+    T, t = affine_from_scales_many([target], a, b, n_classes)
+    return T[0], t[0]
+
+
+def affine_from_scales_many(
+    targets: list[int] | np.ndarray, a: np.ndarray, b: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """PRUNE's closed form for P records at once: ``T = Pbar^-1 diag(a) Pbar - I = Pbar^-1 (diag(a) - I)
+    Pbar``, ``t = Pbar^-1 b`` (float64), with ``a``, ``b`` of shape (P, C): (alpha, mean_scale) and
+    (beta, mean_shift). Written the second way, a = 1 gives T = 0 exactly and a = 0 gives T = -I exactly,
+    so the cheap graph forms apply without round-off."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, n_classes)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, n_classes)
+    pairs = [_completed_spec_and_inverse(int(t), n_classes) for t in targets]
+    pbar = np.stack([pb for pb, _ in pairs])
+    inv = np.stack([iv for _, iv in pairs])
+    T = (inv * (a - 1.0)[:, None, :]) @ pbar  # inv @ diag(a - 1): a column scaling, exactly
+    T[~a.any(axis=1)] = -np.eye(n_classes)
+    return T, np.einsum("pij,pj->pi", inv, b)
 
 
 # ----------------------------------------------------------------------------- parameters
