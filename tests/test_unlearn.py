@@ -502,3 +502,23 @@ def test_violation_index_gives_exactly_the_product_minima(mlp_bundle, forget_ids
     for p, e in enumerate(exclude):
         brute[e, p] = NO_POINT
     np.testing.assert_array_equal(view.min_violation_steps(signs, rows, exclude), brute.min(axis=0))
+
+
+def test_lazy_region_lp_bounds_equal_the_full_lp(mlp_bundle, forget_ids):
+    """Rows enter a region's HiGHS model lazily; the bounds still are those of the LP over every row:
+    a sound lower bound on scipy's full-row minimum (up to its 1e-7 feasibility tolerance) and equal to it,
+    on a real region, in input space and in feature space."""
+    ds = mlp_bundle.dataset
+    for start in (0, 1):
+        regions = compute_regions(mlp_bundle.net, ds.x_train[forget_ids[:1]], start)
+        lp = region_lp(regions, 0)
+        rows = spec_rows(3 if ds.y_train[forget_ids[0]] != 3 else 4, ds.n_classes)
+        lower, upper = lp.row_bounds(rows)
+        assert len(lp._rows) < len(lp.b_ub), "every row was needed: nothing lazy was exercised"
+        for i in (0, 5):
+            c = rows[i] @ lp.jac_f
+            lo = linprog(c, A_ub=lp.a_ub, b_ub=lp.b_ub, bounds=lp.bounds, method="highs")
+            hi = linprog(-c, A_ub=lp.a_ub, b_ub=lp.b_ub, bounds=lp.bounds, method="highs")
+            ref_lo, ref_hi = lo.fun + rows[i] @ lp.off_f, -hi.fun + rows[i] @ lp.off_f
+            assert lower[i] <= ref_lo + 1e-6 and upper[i] >= ref_hi - 1e-6
+            assert abs(lower[i] - ref_lo) < 1e-6 and abs(upper[i] - ref_hi) < 1e-6
