@@ -106,7 +106,7 @@ class GatedView:
         rows = np.asarray(rows, dtype=np.int64)
         found = np.zeros(len(signs), dtype=bool)
         if self.nearest_ids is not None and len(signs):
-            own = np.all(self.signs(rows) == signs, axis=1)  # row p's pattern is the index row's pattern
+            own = np.all((self.z[rows] > 0) == (signs > 0), axis=1)  # sign row p is row p's own pattern
             cand = self.nearest_ids[rows].astype(np.int64)  # (P, K)
             # One membership test for all records: key p * N + id.
             keys = np.concatenate([p * n + np.asarray(e, dtype=np.int64) for p, e in enumerate(exclude)])

@@ -136,8 +136,7 @@ def synthesize(
     keeps between requests; without it the one forward pass over the training set is paid here.
     """
     t0 = time.perf_counter()
-    net = net.eval()
-    n_classes = net.layers[-1].out_features
+    n_classes = net.layers[-1].out_features  # (regions and the training view put the net in eval mode)
     start = parse_gate_layers(config.gate_layers, net.n_hidden)
     view = (activations or TrainActivations(net, x_train)).view(start)
     rng = np.random.default_rng(config.seed)
