@@ -1,7 +1,8 @@
 """PRUNE patch synthesis for forget points: regions -> certified affine maps -> gate widths.
 
 For each forget point (points that share an activation pattern merge into one record):
-1. pick a random "confusing" target label (not the true label, not the base's prediction);
+1. pick a random "confusing" target label (not the true label, and not the base's prediction unless
+   that leaves no class, as with two classes and a misclassified point);
 2. ``prune``: bound every specification row e_j - e_target over the region with two LPs, then scale
    (alpha) and shift (beta) each row into [q_lower, q_upper] -- PRUNE's closed form;
    ``collapse``: alpha = 0, so the region's output becomes a constant where the target wins by the
@@ -22,6 +23,7 @@ from .activations import NO_POINT, GatedView, TrainActivations
 from .models.nets import PreactNet
 from .lp import row_bounds_many
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
+from .runtime.errors import RequestError
 from .runtime.patchgraph import PatchParams, affine_from_scales_many, spec_rows
 
 MODES = ("prune", "collapse")
@@ -114,9 +116,17 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
     return alpha, np.floor(beta * 1e6) / 1e6
 
 
-def choose_target(draw: float, forbidden: set[int], n_classes: int) -> int:
-    """The label at uniform ``draw`` in [0, 1) among the classes not forbidden."""
-    choices = [c for c in range(n_classes) if c not in forbidden]
+def choose_target(draw: float, labels: set[int], preds: set[int], n_classes: int) -> int:
+    """The class at uniform ``draw`` in [0, 1) among those that are neither a true label nor a current
+    prediction of the region's points; when that leaves none (two classes and a misclassified point),
+    among those that are not a true label (the method's own rule)."""
+    choices = [c for c in range(n_classes) if c not in labels and c not in preds]
+    if not choices:
+        choices = [c for c in range(n_classes) if c not in labels]
+    if not choices:
+        raise RequestError(
+            f"no target label for the forget points sharing one region: their labels cover all {n_classes} classes"
+        )
     return choices[min(int(draw * len(choices)), len(choices) - 1)]
 
 
@@ -161,8 +171,8 @@ def synthesize(
     draws = rng.random(len(groups)).tolist()  # one draw per record, in record order: deterministic by seed
     plans = []
     for members, draw in zip(groups.values(), draws):
-        forbidden = {labels[i] for i in members} | {preds[i] for i in members}
-        plans.append((members, choose_target(draw, forbidden, n_classes)))
+        target = choose_target(draw, {labels[i] for i in members}, {preds[i] for i in members}, n_classes)
+        plans.append((members, target))
     lp_solves, t_lp = 0, 0.0
     if config.mode == "prune":
         t1 = time.perf_counter()

@@ -522,3 +522,14 @@ def test_lazy_region_lp_bounds_equal_the_full_lp(mlp_bundle, forget_ids):
             ref_lo, ref_hi = lo.fun + rows[i] @ lp.off_f, -hi.fun + rows[i] @ lp.off_f
             assert lower[i] <= ref_lo + 1e-6 and upper[i] >= ref_hi - 1e-6
             assert abs(lower[i] - ref_lo) < 1e-6 and abs(upper[i] - ref_hi) < 1e-6
+
+
+def test_choose_target_avoids_labels_and_predictions():
+    from prune_edge.runtime.errors import RequestError
+    from prune_edge.synth import choose_target
+
+    picks = {choose_target(d, {3}, {5}, 10) for d in np.linspace(0, 0.999, 64)}
+    assert picks == set(range(10)) - {3, 5}  # uniform draws reach every allowed class, never 3 or 5
+    assert choose_target(0.7, {0}, {1}, 2) == 1  # two classes, misclassified point: the only other class
+    with pytest.raises(RequestError, match="cover all 2 classes"):
+        choose_target(0.5, {0, 1}, {1}, 2)
