@@ -29,6 +29,12 @@ from .runtime.patchgraph import QUANT_ZERO_POINT, choose_scale_log2, quantize
 NO_POINT = np.iinfo(np.int32).max  # "no training point to keep out": the minimum over an empty set
 
 
+def sign_pattern(z: np.ndarray) -> np.ndarray:
+    """int8 +-1 activation pattern of pre-activations (zero counts as inactive): the one definition
+    shared by regions, the training view and the index, which must agree for the index to apply."""
+    return np.where(z > 0, 1, -1).astype(np.int8)
+
+
 @torch.no_grad()
 def gated_forward(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, M) float32 gated pre-activations (layers start.., concatenated like the patch graph does)
@@ -56,7 +62,7 @@ class GatedView:
 
     def signs(self, rows: np.ndarray) -> np.ndarray:
         """Activation patterns (int8 +-1, zero counts as inactive) of the given training rows."""
-        return np.where(self.z[rows] > 0, 1, -1).astype(np.int8)
+        return sign_pattern(self.z[rows])
 
     def violation_steps(self, signs: np.ndarray) -> np.ndarray:
         """(N, P) int32 ``|q|_1 - q.s`` of every training point against P sign rows.
@@ -85,7 +91,7 @@ class GatedView:
         for lo in tqdm(range(0, n, chunk), desc="violation index", unit="chunk", disable=not progress, leave=False):
             rows = np.arange(lo, min(n, lo + chunk))
             block = np.ascontiguousarray(self.violation_steps(self.signs(rows)).T)  # (rows, N)
-            part = np.argpartition(block, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
+            part = np.argpartition(block, k - 1, axis=1)[:, :k]
             vals = np.take_along_axis(block, part, axis=1)
             order = np.argsort(vals, axis=1, kind="stable")
             ids[rows] = np.take_along_axis(part, order, axis=1)
@@ -106,7 +112,7 @@ class GatedView:
         rows = np.asarray(rows, dtype=np.int64)
         found = np.zeros(len(signs), dtype=bool)
         if self.nearest_ids is not None and len(signs):
-            own = np.all((self.z[rows] > 0) == (signs > 0), axis=1)  # sign row p is row p's own pattern
+            own = np.all(self.signs(rows) == signs, axis=1)  # sign row p is row p's own pattern
             cand = self.nearest_ids[rows].astype(np.int64)  # (P, K)
             # One membership test for all records: key p * N + id.
             keys = np.concatenate([p * n + np.asarray(e, dtype=np.int64) for p, e in enumerate(exclude)])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .activations import sign_pattern
 from .lp import RegionLP
 from .models.nets import PreactNet
 
@@ -120,7 +121,7 @@ def compute_regions(net: PreactNet, x: np.ndarray, start: int, device: str | tor
     lo, hi = interval_bounds(net64.cpu(), start, input_shape)
     return Regions(
         start=start,
-        signs=np.where(out[:, :m].cpu().numpy() > 0, 1, -1).astype(np.int8),
+        signs=sign_pattern(out[:, :m].cpu().numpy()),
         jac_z=jac_z.cpu(),
         off_z=off_z.cpu(),
         jac_f=jac_f.cpu(),

@@ -227,15 +227,17 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
     The gate opens where violation < 1/gamma; with gamma = safety / v_min it closes at v_min/safety,
     well before the nearest retained point or other record's forget point. Returns how many records
     share their exact region with such a point (their gate cannot exclude it)."""
+    if config.gamma is not None:
+        for r in records:
+            r.gamma = float(config.gamma)
+        return 0
     exclude = [forget_ids[r.members] for r in records]  # a record's own forget points may open its gate
     rows = np.array([forget_ids[r.members[0]] for r in records])
     mins = view.min_violation_steps(np.stack([r.signs for r in records]), rows, exclude)  # exact integers
     v_min = np.where(mins == NO_POINT, np.inf, mins * (view.step / 2))
     overlaps = 0
     for k, r in enumerate(records):
-        if config.gamma is not None:
-            r.gamma = float(config.gamma)
-        elif v_min[k] <= 0:
+        if v_min[k] <= 0:
             overlaps += 1
             r.gamma = config.max_gamma
         elif not np.isfinite(v_min[k]):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import PatchFormatError
@@ -106,12 +106,10 @@ class Record:
     points: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target, "gamma": self.gamma, "alpha": list(self.alpha), "beta": list(self.beta),
-            "mean_scale": self.mean_scale, "mean_shift": self.mean_shift,
-            "lower": None if self.lower is None else list(self.lower),
-            "upper": None if self.upper is None else list(self.upper), "points": self.points,
-        }
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("alpha", "beta", "lower", "upper"):
+            d[k] = None if d[k] is None else list(d[k])
+        return d
 
 
 @dataclass(frozen=True)
