@@ -235,13 +235,11 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
     rows = np.array([forget_ids[r.members[0]] for r in records])
     mins = view.min_violation_steps(np.stack([r.signs for r in records]), rows, exclude)  # exact integers
     v_min = np.where(mins == NO_POINT, np.inf, mins * (view.step / 2))
-    overlaps = 0
-    for k, r in enumerate(records):
-        if v_min[k] <= 0:
-            overlaps += 1
-            r.gamma = config.max_gamma
-        elif not np.isfinite(v_min[k]):
-            r.gamma = config.max_gamma  # nothing else to keep out: the tightest gate is the cautious one
-        else:
-            r.gamma = float(min(config.max_gamma, config.gate_safety / float(v_min[k])))
+    # v_min <= 0: the record shares its exact region with such a point (counted; no gate can exclude
+    # it); inf: nothing else to keep out, so the tightest gate is the cautious one.
+    with np.errstate(divide="ignore"):
+        gamma = np.where(np.isfinite(v_min) & (v_min > 0), config.gate_safety / v_min, config.max_gamma)
+    for r, g in zip(records, np.minimum(gamma, config.max_gamma).tolist()):
+        r.gamma = g
+    overlaps = int((v_min <= 0).sum())
     return overlaps

@@ -106,10 +106,13 @@ class Record:
     points: int
 
     def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
         for k in ("alpha", "beta", "lower", "upper"):
             d[k] = None if d[k] is None else list(d[k])
         return d
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))  # dataclasses.fields() is slow per call
 
 
 @dataclass(frozen=True)
