@@ -75,6 +75,21 @@ def _completed_spec_and_inverse(target: int, n_classes: int) -> tuple[np.ndarray
     return pbar, inv
 
 
+def _stacked_specs(targets: list[int] | np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, C, C) Pbar and Pbar^-1 of each record's target (one stack per distinct target)."""
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    distinct, where = np.unique(targets, return_inverse=True)
+    pairs = [_completed_spec_and_inverse(int(t), n_classes) for t in distinct]
+    if not pairs:
+        return np.zeros((0, n_classes, n_classes)), np.zeros((0, n_classes, n_classes))
+    return np.stack([pb for pb, _ in pairs])[where], np.stack([iv for _, iv in pairs])[where]
+
+
+def completed_specs(targets: list[int] | np.ndarray, n_classes: int) -> np.ndarray:
+    """(P, C, C) :func:`completed_spec` of each target."""
+    return _stacked_specs(targets, n_classes)[0]
+
+
 def affine_from_scales(
     target: int, alpha: np.ndarray, beta: np.ndarray, mean_scale: float, mean_shift: float, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -94,9 +109,7 @@ def affine_from_scales_many(
     so the cheap graph forms apply without round-off."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, n_classes)
     b = np.asarray(b, dtype=np.float64).reshape(-1, n_classes)
-    pairs = [_completed_spec_and_inverse(int(t), n_classes) for t in targets]
-    pbar = np.stack([pb for pb, _ in pairs])
-    inv = np.stack([iv for _, iv in pairs])
+    pbar, inv = _stacked_specs(targets, n_classes)
     T = (inv * (a - 1.0)[:, None, :]) @ pbar  # inv @ diag(a - 1): a column scaling, exactly
     T[~a.any(axis=1)] = -np.eye(n_classes)
     return T, np.einsum("pij,pj->pi", inv, b)

@@ -591,3 +591,18 @@ def test_one_bad_patch_refuses_the_whole_set(patches, mlp_bundle, other_base, tm
     x = mlp_bundle.dataset.x_test[:50]
     plain = make_session(BaseGraph.load(mlp_bundle.onnx_path).data).run(None, {"input": x})[0]
     np.testing.assert_array_equal(PatchedModel(mlp_bundle.onnx_path).logits(x), plain)
+
+
+@pytest.mark.parametrize("tamper", ["gamma-in-graph", "consistent-spec-violation"])
+def test_certificate_blocks_name_the_first_failing_record(patches, mlp_bundle, tmp_path, monkeypatch, tamper):
+    """Records are checked in blocks; with one record per block the refusal still names the record
+    that fails (here record 1 in the second block, record 0 in the first)."""
+    import prune_edge.runtime.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "_CERT_BLOCK_VALUES", 1)
+    _, fn, match = CERT_TAMPERS[tamper]
+    manifest, graph = parts(patches["prune"][0])
+    changes, new_graph = fn(manifest, graph)
+    path = repack(tmp_path / "cert.pepatch", manifest, new_graph, **changes)
+    assert_refused(path, mlp_bundle.onnx_path, CertificateError, "certificate", match)
+    verify_patch(patches["prune"][0], BaseGraph.load(mlp_bundle.onnx_path))  # the honest patch still passes
