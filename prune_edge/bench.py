@@ -51,7 +51,9 @@ def run_bench(
     from .basedir import load_base, train_base
     from .latency import compare_latency
     from .requests import random_forget_ids
+    from .runtime.base import BaseGraph
     from .runtime.model import PatchedModel
+    from .runtime.verify import verify_patch
     from .synth import SynthConfig
     from .train import fit
     from .unlearn import build_point_patch
@@ -111,6 +113,8 @@ def run_bench(
     base_model = PatchedModel(bundle.onnx_path, threads=threads)
     base_one_thread = PatchedModel(bundle.onnx_path, threads=1) if threads is None else None
     latency = []
+    device_load = []
+    base_graph = BaseGraph.load(bundle.onnx_path)
     # The sweep uses collapse patches (no LP, so 1000 points build in a second); their graph form has
     # three more small nodes than prune's "shift" form, so prune patches of the same size are cheaper.
     for gate_layers in sweep_gate_layers:
@@ -120,7 +124,13 @@ def run_bench(
             build_point_patch(bundle, random_forget_ids(len(ds.x_train), count, seed + count),
                               SynthConfig(mode="collapse", gate_layers=gate_layers, seed=seed), path, device=device,
                               progress=False, evaluate=False)
+            # What a device pays once per patch file: the checks alone, then checks + compose + session.
+            t0 = time.perf_counter()
+            verify_patch(path, base_graph)
+            t1 = time.perf_counter()
             patched = PatchedModel(bundle.onnx_path, [path], threads=threads)
+            device_load.append({"patches": count, "gate_layers": gate_layers, "verify_seconds": t1 - t0,
+                                "load_seconds": time.perf_counter() - t1})
             for batch in (1, 256):
                 row = compare_latency(base_model, patched, ds.x_test[:batch])
                 latency.append({"patches": count, "mode": "collapse", "gate_layers": gate_layers,
@@ -152,6 +162,7 @@ def run_bench(
         "activation_cache_seconds": cache_seconds,
         "builds": builds,
         "latency": latency,
+        "device_load": device_load,
         "goals": GOALS,
     }
     atomic_write_bytes(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
@@ -209,6 +220,9 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append((f"latency batch {l['batch']}, {l['patches']} {l['mode']} patches, gate {l['gate_layers']}{one}",
                      f"{l['base_ms']:.3f} -> {l['patched_ms']:.3f} ms",
                      f"{l['ratio']:.2f}x" + (f" (goal <= {goal:g}x)" if goal else "")))
+    for d in r.get("device_load", []):
+        rows.append((f"device load of a {d['patches']}-point patch, gate {d['gate_layers']}: verify; verify + compose + session",
+                     f"{1e3 * d['verify_seconds']:.1f} ms; {1e3 * d['load_seconds']:.1f} ms", ""))
     return table(rows, header=("measurement", "value", "ratio"))
 
 

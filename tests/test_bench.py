@@ -32,3 +32,6 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     table = format_table(r)
     assert "retrain without forget set" in table and "goal >= 1000x" in table
     assert "3 collapse patches, gate all, 1 thread" in table
+    [load] = r["device_load"]
+    assert load["patches"] == 3 and 0 < load["verify_seconds"] and 0 < load["load_seconds"]
+    assert "device load of a 3-point patch" in table
