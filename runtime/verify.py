@@ -158,39 +158,40 @@ def _check_certificate_block(manifest: Manifest, params: PatchParams, lo: int, h
     T = params.T[lo:hi].astype(np.float64)
     t = params.t[lo:hi].astype(np.float64)
 
-    # Each check is a (records,) mask of failures, in the order a record is read.
-    failed: list[tuple[np.ndarray, str]] = []
-    failed.append((~np.isclose(gamma, [r.gamma for r in recs], rtol=1e-6, atol=0), "gamma"))
+    # Each check is a (records,) mask of passes, in the order a record is read. Written as what must
+    # hold (never as a violation test), so a NaN anywhere fails: NaN compares false.
+    held: list[tuple[np.ndarray, str]] = []
+    held.append((np.isclose(gamma, [r.gamma for r in recs], rtol=1e-6, atol=0), "gamma"))
     if manifest.mode == "collapse":
-        failed.append(((alpha != 0).any(axis=1) | (a_ext[:, -1] != 0), "collapse_alpha"))
+        held.append(((alpha == 0).all(axis=1) & (a_ext[:, -1] == 0), "collapse_alpha"))
     else:
-        failed.append(((alpha <= 0).any(axis=1) | (alpha > 1).any(axis=1) | (a_ext[:, -1] != 1), "prune_alpha"))
+        held.append(((alpha > 0).all(axis=1) & (alpha <= 1).all(axis=1) & (a_ext[:, -1] == 1), "prune_alpha"))
     T_exp, t_exp = affine_from_scales_many(targets, a_ext, b_ext, c)
     scale = 1.0 + np.abs(t_exp).max(axis=1)
-    failed.append(
-        ((np.abs(T - T_exp).max(axis=(1, 2)) > _ALGEBRA_RTOL) | (np.abs(t - t_exp).max(axis=1) > _ALGEBRA_RTOL * scale),
+    held.append(
+        ((np.abs(T - T_exp).max(axis=(1, 2)) <= _ALGEBRA_RTOL) & (np.abs(t - t_exp).max(axis=1) <= _ALGEBRA_RTOL * scale),
          "closed_form")
     )
     pbar = completed_specs(targets, c)
     lhs = pbar + pbar @ T  # P(I + T)
-    algebra = (np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) > _ALGEBRA_RTOL) | (
-        np.abs(np.einsum("pij,pj->pi", pbar, t) - b_ext).max(axis=1) > _ALGEBRA_RTOL * scale
+    algebra = (np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) <= _ALGEBRA_RTOL) & (
+        np.abs(np.einsum("pij,pj->pi", pbar, t) - b_ext).max(axis=1) <= _ALGEBRA_RTOL * scale
     )
-    failed.append((algebra, "algebra"))
+    held.append((algebra, "algebra"))
     if manifest.mode == "prune":
         lower = np.array([r.lower for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
         upper = np.array([r.upper for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
-        failed.append(((lower > upper).any(axis=1), "bounds_order"))
+        held.append(((lower <= upper).all(axis=1), "bounds_order"))
         new_lo, new_hi = alpha * lower + beta, alpha * upper + beta
     else:
         new_lo = new_hi = beta
-    failed.append(((new_hi > manifest.q_upper).any(axis=1) | (new_lo < manifest.q_lower).any(axis=1), "spec"))
+    held.append(((new_hi <= manifest.q_upper).all(axis=1) & (new_lo >= manifest.q_lower).all(axis=1), "spec"))
 
-    table = np.vstack([mask for mask, _ in failed])  # (checks, records)
+    table = ~np.vstack([mask for mask, _ in held])  # (checks, records): True where a check fails
     if not table.any():
         return
     j = int(table.any(axis=0).argmax())  # first failing record ...
-    check = failed[int(table[:, j].argmax())][1]  # ... and its first failing check
+    check = held[int(table[:, j].argmax())][1]  # ... and its first failing check
     k, rec = lo + j, recs[j]
     where = f"{source}: record {k} (target {rec.target})"
     messages = {

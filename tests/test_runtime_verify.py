@@ -465,6 +465,15 @@ def _cert_consistent_spec_violation(manifest, graph):
     return {"records": replace_record(manifest, 0, beta=tuple(new_beta.tolist()))}, new
 
 
+def _cert_nan_t_in_graph(manifest, graph):
+    """A NaN offset in record 1: every comparison with NaN is false, so a check written as a
+    violation test would let it through, and 0 * NaN would then poison every output."""
+    p = params_of(manifest, graph)
+    t = p.t.copy()
+    t[1, 0] = np.nan
+    return {}, canonical_bytes_of(manifest, PatchParams(p.signs, p.gamma, p.T, t))
+
+
 def _cert_gamma_in_manifest(manifest, graph):
     return {"records": replace_record(manifest, 0, gamma=manifest.records[0].gamma * 2)}, graph
 
@@ -514,6 +523,7 @@ CERT_TAMPERS = {
     "beta-in-manifest": (("prune", "collapse"), _cert_beta_in_manifest, r"record 0 .*differ from the closed form"),
     "t-in-graph": (("prune", "collapse"), _cert_t_in_graph, r"record 0 .*differ from the closed form"),
     "consistent-spec-violation": (("prune", "collapse"), _cert_consistent_spec_violation, r"record 0 .*patched rows expected inside"),
+    "nan-t-in-graph": (("prune", "collapse"), _cert_nan_t_in_graph, r"record 1 .*differ from the closed form"),
     "gamma-in-manifest": (("prune", "collapse"), _cert_gamma_in_manifest, r"record 0 .*expected gamma"),
     "gamma-in-graph": (("prune", "collapse"), _cert_gamma_in_graph, r"record 1 .*expected gamma"),
     "target": (("prune", "collapse"), _cert_target, r"record 0 .*closed form"),
@@ -606,3 +616,17 @@ def test_certificate_blocks_name_the_first_failing_record(patches, mlp_bundle, t
     path = repack(tmp_path / "cert.pepatch", manifest, new_graph, **changes)
     assert_refused(path, mlp_bundle.onnx_path, CertificateError, "certificate", match)
     verify_patch(patches["prune"][0], BaseGraph.load(mlp_bundle.onnx_path))  # the honest patch still passes
+
+
+def test_nan_offset_is_a_real_attack(patches, mlp_bundle):
+    """Composed without verification, a NaN in one record's offset (class 0) turns class 0's logit
+    into NaN on every input, even where every gate is closed (0 * NaN), and argmax reads NaN as the
+    maximum; the certificate check is what stops it (see CERT_TAMPERS)."""
+    manifest, graph = parts(patches["collapse"][0])
+    _, new_graph = _cert_nan_t_in_graph(manifest, graph)
+    evil_manifest = dataclasses.replace(manifest, graph_sha256=sha256_bytes(new_graph), graph_bytes=len(new_graph))
+    evil = VerifiedPatch("evil", evil_manifest, onnx.load_from_string(new_graph), params_of(evil_manifest, new_graph))
+    base = BaseGraph.load(mlp_bundle.onnx_path)
+    x = mlp_bundle.dataset.x_test[:50]
+    out = make_session(compose(base.model, [evil]).SerializeToString()).run(None, {"input": x})[0]
+    assert np.isnan(out[:, 0]).all() and (out.argmax(1) == 0).all()
