@@ -60,6 +60,9 @@ def _load_array(path: str) -> np.ndarray:
         raise InputError(f"{path}: expected a .npy array file (numpy.save), found unreadable or pickled data") from None
     if not isinstance(x, np.ndarray):
         raise InputError(f"{path}: expected a single .npy array, found an archive")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        # NaN reaches every logit and argmax reads it as the maximum: a label would be noise.
+        raise InputError(f"{path}: expected finite values, found {int((~np.isfinite(x)).sum())} NaN or infinite")
     return x
 
 

@@ -103,6 +103,7 @@ def test_certify_refuses_other_base(runner, tmp_path, mlp_bundle, patches):
     [
         pytest.param(np.zeros((2, 1, 28, 28), np.float64), "float32", id="dtype"),
         pytest.param(np.zeros((2, 784), np.float32), "shape", id="shape"),
+        pytest.param(np.where(np.arange(1568).reshape(2, 1, 28, 28) < 2, np.nan, 0).astype(np.float32), "found 2 NaN or infinite", id="nan"),
     ],
 )
 def test_predict_refuses_bad_input(runner, tmp_path, mlp_bundle, array, match):
