@@ -264,7 +264,11 @@ def verify_sample(base: str, patches: tuple[str, ...], sample: str, label: int, 
         x = x[None]
     if len(x) != 1:
         raise InputError(f"{sample}: expected one sample, found {len(x)}")
-    base_label = int(model.base_logits(x).argmax(1)[0])
+    base_logits = model.base_logits(x)
+    if not 0 <= label < base_logits.shape[1]:
+        # An impossible label would always read as "forgotten".
+        raise InputError(f"--label: expected a class in [0, {base_logits.shape[1]}), found {label}")
+    base_label = int(base_logits.argmax(1)[0])
     after = int(model.predict(x)[0])
     covering = []
     for vp, g in zip(model.patches, model.gates(x)):

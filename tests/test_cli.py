@@ -140,6 +140,9 @@ def test_verify_sample(runner, tmp_path, mlp_bundle, patches, forget_ids):
     result = runner.invoke(main, args + ["--label", str(int(ds.y_train[keep]))])
     assert result.exit_code == EXIT_FAILURE
     assert json.loads(result.stdout)["covered_by"] == []
+    # a label the model cannot output would always read as forgotten: refused
+    result = runner.invoke(main, args + ["--label", str(ds.n_classes)])
+    assert result.exit_code == EXIT_FAILURE and "expected a class in [0, 10)" in _one_line_error(result)
 
 
 def test_inspect(runner, patches):
