@@ -248,6 +248,9 @@ def bench(out: str, base_dir: str | None, points: int, latency_patches: str, see
         sizes = tuple(int(v) for v in latency_patches.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter("expected comma-separated integers", param_hint="--latency-patches") from None
+    if any(v < 1 for v in sizes):
+        # checked before the minutes of work that come before the sweep
+        raise click.BadParameter(f"expected patch sizes >= 1, found {min(sizes)}", param_hint="--latency-patches")
     results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json,
                         threads=threads)
     if as_json:

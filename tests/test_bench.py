@@ -35,3 +35,15 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     [load] = r["device_load"]
     assert load["patches"] == 3 and 0 < load["verify_seconds"] and 0 < load["load_seconds"]
     assert "device load of a 3-point patch" in table
+
+
+@pytest.mark.parametrize("sizes, match", [("1,x", "comma-separated integers"), ("5,0", "sizes >= 1, found 0")])
+def test_bench_refuses_bad_sweep_sizes_before_any_work(tmp_path, sizes, match):
+    from click.testing import CliRunner
+
+    from prune_edge.cli import main
+
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", "--latency-patches", sizes, "--out", str(out)])
+    assert result.exit_code == 2 and match in result.output
+    assert not out.exists()  # refused before training or writing anything
