@@ -12,8 +12,9 @@ from .runtime.model import PatchedModel
 LOCALITY_ATOL = 1e-5
 
 
-def _acc(pred: np.ndarray, y: np.ndarray) -> float:
-    return float((pred == y).mean()) if len(y) else float("nan")
+def _acc(pred: np.ndarray, y: np.ndarray) -> float | None:
+    # None (JSON null, "n/a" in tables) for an empty split, e.g. a request that forgets every point
+    return float((pred == y).mean()) if len(y) else None
 
 
 def evaluate_patch(

@@ -15,5 +15,5 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
     return "\n".join(lines)
 
 
-def pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"

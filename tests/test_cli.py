@@ -201,6 +201,26 @@ def test_train_base_from_user_npz(runner, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base.onnx", "card.json", "weights.pt"]
 
 
+def test_forgetting_every_training_point_reports_no_retain_accuracy(runner, tmp_path):
+    """An empty retained set has no accuracy: null in strict JSON and n/a in the table, never NaN."""
+    assert runner.invoke(main, ["dataset", "export", "digits", "--out", str(tmp_path / "d.npz")]).exit_code == 0
+    base = tmp_path / "b"
+    assert runner.invoke(main, ["train-base", "--dataset", str(tmp_path / "d.npz"), "--epochs", "2", "--out", str(base)]).exit_code == 0
+    n = json.loads((base / "card.json").read_text())["dataset"]["n_train"]
+    (tmp_path / "all.txt").write_text("".join(f"{i}\n" for i in range(n)))
+    args = ["build-patch", "--base", str(base), "--forget", str(tmp_path / "all.txt"), "--mode", "collapse"]
+    result = runner.invoke(main, args + ["--out", str(tmp_path / "all.pepatch"), "--json"])
+    assert result.exit_code == 0, result.stderr
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in JSON output")
+
+    acc = json.loads(result.stdout, parse_constant=no_nan)["evaluation"]["accuracy"]
+    assert acc["retain"] == {"before": None, "after": None} and acc["forget"]["after"] == 0.0
+    result = runner.invoke(main, args + ["--out", str(tmp_path / "all2.pepatch")])
+    assert result.exit_code == 0 and "n/a -> n/a" in result.stdout and "nan" not in result.stdout
+
+
 def test_dataset_export_corrupted_idx_folder(runner, tmp_path):
     """A real-format folder with a wrong magic number: one line naming the file, exit 1, nothing written."""
     import struct
