@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ REF_ATOL = 1e-4
 
 # ----------------------------------------------------------------------------- helpers
 def sidecar(path) -> dict:
-    return json.loads(open(str(path) + ".request.json").read())
+    return json.loads(Path(str(path) + ".request.json").read_text())
 
 
 def split_points(ds, forget_ids):
