@@ -80,8 +80,7 @@ def build_patch(
     patch_id = digest.hexdigest()[:32]
 
     def rows(values: list[Sequence[float] | None]) -> list[tuple[float, ...] | None]:
-        # One float64 conversion per field for all records (per-record conversions cost more than
-        # the rest of a small collapse patch's manifest).
+        # One float64 conversion per field for all records, not one per record and field.
         if any(v is None for v in values):
             return [None if v is None else tuple(np.asarray(v, dtype=np.float64).tolist()) for v in values]
         return [tuple(r) for r in np.asarray(values, dtype=np.float64).reshape(len(values), -1).tolist()]
