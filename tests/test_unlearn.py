@@ -492,17 +492,29 @@ def test_violation_index_gives_exactly_the_product_minima(mlp_bundle, forget_ids
     view.build_index(k=3, chunk=700)
     assert view.nearest_steps.shape == (len(ds.x_train), 3)
     assert np.all(np.diff(view.nearest_steps, axis=1) >= 0) and np.all(view.nearest_steps[:, 0] == 0)
+    # Count the sign rows that fall back to the full product, so the test sees the index in use.
+    product = view.violation_steps
+    fallback_rows = []
+
+    def counted(signs):
+        fallback_rows.append(len(signs))
+        return product(signs)
+
+    view.violation_steps = counted
     indexed = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, progress=False, activations=fresh)
     np.testing.assert_array_equal(plain.params().gamma, indexed.params().gamma)
+    assert fallback_rows == [], "every gate width should have come from the index"
 
     rows = forget_ids[:4].copy()
     signs = view.signs(rows)
     signs[1, 7] *= -1  # not row 1's own pattern: the index does not apply
     exclude = [rows[:1], rows[1:2], view.nearest_ids[rows[2]], np.array([], dtype=np.int64)]  # row 2: all excluded
-    brute = view.violation_steps(signs).astype(np.int64)
+    mins = view.min_violation_steps(signs, rows, exclude)
+    assert fallback_rows == [2]  # rows 1 and 2 from the product, rows 0 and 3 from the index
+    brute = product(signs).astype(np.int64)
     for p, e in enumerate(exclude):
         brute[e, p] = NO_POINT
-    np.testing.assert_array_equal(view.min_violation_steps(signs, rows, exclude), brute.min(axis=0))
+    np.testing.assert_array_equal(mins, brute.min(axis=0))
 
 
 def test_lazy_region_lp_bounds_equal_the_full_lp(mlp_bundle, forget_ids):
