@@ -6,6 +6,7 @@ this module only fills it in, so whatever the server writes is exactly what a de
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import os
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
-from ..runtime.manifest import GatedTensor, Manifest, Record
+from ..runtime.manifest import GatedTensor, Manifest, Record, derive_patch_id
 from ..runtime.patchfile import pack
 from ..runtime.patchgraph import PatchParams, build_patch_graph, form_of
 
@@ -69,15 +70,11 @@ def build_patch(
     q_lower: float,
     q_upper: float,
     request: dict[str, Any],
+    chain: dict[str, Any] | None = None,
 ) -> tuple[Manifest, bytes]:
-    """Return (manifest, patch-file bytes) for these records. Deterministic apart from ``created``."""
-    digest = hashlib.sha256()
-    digest.update(base.sha256.encode())
-    for arr in (params.signs, params.gamma, params.T, params.t):
-        digest.update(np.ascontiguousarray(arr).tobytes())
-    digest.update(mode.encode())
-    digest.update(repr(sorted(request.get("id_commitments", []))).encode())
-    patch_id = digest.hexdigest()[:32]
+    """Return (manifest, patch-file bytes) for these records. Deterministic apart from ``created``.
+
+    The patch id is derived from the content (:func:`derive_patch_id`), after the graph digest is in."""
 
     def rows(values: list[Sequence[float] | None]) -> list[tuple[float, ...] | None]:
         # One float64 conversion per field for all records, not one per record and field.
@@ -102,15 +99,17 @@ def build_patch(
         for k, c in enumerate(certs)
     )
     form = form_of(params)
-    draft = Manifest(
-        patch_id=patch_id, created=_created(), mode=mode, form=form, base_sha256=base.sha256, base_opset=base.opset,
-        base_ir_version=base.ir_version, logits_name=base.logits_name, n_classes=base.n_classes,
-        gated=tuple(base.gated), graph_sha256="0" * 64, graph_bytes=0, q_lower=float(q_lower),
-        q_upper=float(q_upper), records=records, request=dict(request),
-    )
-    graph = build_patch_graph(draft.prefix, draft.gated, draft.logits_name, params, base.opset, base.ir_version, form)
+    graph = build_patch_graph(base.gated, base.logits_name, params, base.opset, base.ir_version, form)
     graph_bytes = graph.SerializeToString()
-    manifest = Manifest(**{**draft.__dict__, "graph_sha256": sha256_bytes(graph_bytes), "graph_bytes": len(graph_bytes)})
+    chain = dict(chain or {"position": 0, "after": [], "replaces": []})
+    draft = Manifest(
+        patch_id="0" * 32, created=_created(), mode=mode, form=form, base_sha256=base.sha256, base_opset=base.opset,
+        base_ir_version=base.ir_version, logits_name=base.logits_name, n_classes=base.n_classes,
+        gated=tuple(base.gated), graph_sha256=sha256_bytes(graph_bytes), graph_bytes=len(graph_bytes),
+        q_lower=float(q_lower), q_upper=float(q_upper), records=records, gate_step_log2=params.scale_log2,
+        request=dict(request), chain=chain,
+    )
+    manifest = dataclasses.replace(draft, patch_id=derive_patch_id(draft.to_json()))
     # No reader round trip here: callers run the device's whole verify_patch on these bytes before
     # anything is written (see prune_edge.unlearn), which includes the strict manifest reader.
     return manifest, pack(manifest, graph_bytes)

@@ -14,37 +14,46 @@ width is then a lookup in its representative's row instead of a product over the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .models.nets import PreactNet
+from .runtime.base import BaseGraph
 from .runtime.model import make_session
-from .runtime.patchgraph import QUANT_ZERO_POINT, choose_scale_log2, quantize
+from .runtime.patchgraph import QUANT_ZERO_POINT, choose_scale_log2, quantize, sign_pattern
 
 NO_POINT = np.iinfo(np.int32).max  # "no training point to keep out": the minimum over an empty set
+__all__ = ["NO_POINT", "GatedView", "TrainActivations", "sign_pattern", "tapped_forward", "choose_base_step"]
 
 
-def sign_pattern(z: np.ndarray) -> np.ndarray:
-    """int8 +-1 activation pattern of pre-activations (zero counts as inactive): the one definition
-    shared by regions, the training view and the index, which must agree for the index to apply."""
-    return np.where(z > 0, 1, -1).astype(np.int8)
-
-
-@torch.no_grad()
-def gated_forward(net: PreactNet, x: np.ndarray, start: int, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, M) float32 gated pre-activations (layers start.., concatenated like the patch graph does)
-    and the (N, C) logits, in batches."""
-    zs, logits = [], []
+def tapped_forward(base: BaseGraph, x: np.ndarray, names: Sequence[str], batch: int = 2048) -> tuple[list[np.ndarray], np.ndarray]:
+    """The base's own float32 values of tensors ``names`` (flattened to (N, -1)) and its logits,
+    computed by onnxruntime on the very graph a device runs: the patterns the server records are
+    then bit for bit the ones the device's gates read."""
+    model = copy.deepcopy(base.model)
+    shapes = base.tensor_shapes()
+    del model.graph.output[1:]
+    for name in names:
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shapes[name]]))
+    session = make_session(model.SerializeToString(), spin=False)
+    zs: list[list[np.ndarray]] = [[] for _ in names]
+    logits = []
     for i in range(0, len(x), batch):
-        preacts, out = net.forward_all(torch.from_numpy(x[i : i + batch]))
-        zs.append(torch.cat([z.flatten(1) for z in preacts[start:]], dim=1))
-        logits.append(out)
-    return torch.cat(zs), torch.cat(logits)
+        out = session.run(None, {base.input_name: np.ascontiguousarray(x[i : i + batch], dtype=np.float32)})
+        logits.append(out[0])
+        for j, z in enumerate(out[1:]):
+            zs[j].append(z.reshape(len(z), -1))
+    return [np.concatenate(z) if z else np.zeros((0, 0), np.float32) for z in zs], np.concatenate(logits)
+
+
+def choose_base_step(base: BaseGraph, x_train: np.ndarray, names: Sequence[str]) -> int:
+    """The gates' quantization step for a base, from its training set's Relu inputs (all layers)."""
+    zs, _ = tapped_forward(base, x_train, names)
+    return choose_scale_log2(np.concatenate(zs, axis=1))
 
 
 @dataclass
@@ -53,23 +62,23 @@ class GatedView:
 
     z: np.ndarray  # (N, M) float32 pre-activations, layers start.. concatenated
     logits: np.ndarray  # (N, C) float32
-    scale_log2: int  # the gate's quantization step 2^e, chosen from this training set
-    q: np.ndarray  # (N, M) int8 codes of the gate's integers (quantize(z))
-    l1: np.ndarray  # (N,) int32 |q|_1
+    scale_log2: int  # the gate's quantization step 2^e (the base card's)
+    q: np.ndarray  # (N, M) int8: the odd values v the gate reads (quantize(z))
+    l1: np.ndarray  # (N,) int32 |v|_1
     _product: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
     nearest_ids: np.ndarray | None = field(default=None, repr=False)  # (N, K) int32, see build_index
     nearest_steps: np.ndarray | None = field(default=None, repr=False)  # (N, K) int32, ascending per row
 
     def signs(self, rows: np.ndarray) -> np.ndarray:
-        """Activation patterns (int8 +-1, zero counts as inactive) of the given training rows."""
+        """Activation patterns (int8 +-1, ``z >= 0`` active, as the gate reads them) of training rows."""
         return sign_pattern(self.z[rows])
 
     def violation_steps(self, signs: np.ndarray) -> np.ndarray:
-        """(N, P) int32 ``|q|_1 - q.s`` of every training point against P sign rows.
+        """(N, P) int32 ``|v|_1 - v.s`` of every training point against P sign rows.
 
-        It equals 2 sum_i relu(-s_i q_i); times delta/2 it is the violation in the units of a gate's
-        1/gamma. Exactly the integer the device's gate sees, from the same uint8 x int8 onnxruntime
-        kernel (about 2.5x faster than a float32 BLAS product here)."""
+        It equals 2 sum_i relu(-s_i v_i), 0 exactly on the pattern's region; times delta/4 it is the
+        violation in the units of a gate's 1/gamma. Exactly the integer the device's gate sees, from
+        the same uint8 x int8 onnxruntime kernel (about 2.5x faster than a float32 BLAS product here)."""
         qs = self._session().run(None, {"signs": np.ascontiguousarray(signs.T, dtype=np.int8)})[0]
         return self.l1[:, None] - qs
 
@@ -154,19 +163,24 @@ class GatedView:
 
 
 class TrainActivations:
-    """Lazily computed :class:`GatedView` per gate start layer, for one (base, training set) pair."""
+    """Lazily computed :class:`GatedView` per gate start layer, for one (base, training set) pair,
+    computed by onnxruntime on the base graph (the device's own numbers) with the card's step."""
 
-    def __init__(self, net: PreactNet, x_train: np.ndarray):
-        self.net = net.eval()
+    def __init__(self, graph: BaseGraph, x_train: np.ndarray, scale_log2: int, relu_inputs: Sequence[str]):
+        self.graph = graph
         self.x_train = x_train
+        self.scale_log2 = int(scale_log2)
+        self.relu_inputs = list(relu_inputs)
+        self._all: tuple[list[np.ndarray], np.ndarray] | None = None
         self._views: dict[int, GatedView] = {}
 
     def view(self, start: int) -> GatedView:
         if start not in self._views:
-            z_t, logits_t = gated_forward(self.net, self.x_train, start)
-            z = np.ascontiguousarray(z_t.numpy(), dtype=np.float32)
-            e = choose_scale_log2(z)
-            q = quantize(z, e)
-            self._views[start] = GatedView(z=z, logits=logits_t.numpy().astype(np.float32), scale_log2=e,
-                                           q=q.astype(np.int8), l1=np.abs(q).sum(1).astype(np.int32))
+            if self._all is None:
+                self._all = tapped_forward(self.graph, self.x_train, self.relu_inputs)
+            zs, logits = self._all
+            z = np.ascontiguousarray(np.concatenate(zs[start:], axis=1), dtype=np.float32)
+            v = quantize(z, self.scale_log2)
+            self._views[start] = GatedView(z=z, logits=logits.astype(np.float32), scale_log2=self.scale_log2,
+                                           q=v.astype(np.int8), l1=np.abs(v).sum(1).astype(np.int32))
         return self._views[start]

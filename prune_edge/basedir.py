@@ -24,18 +24,20 @@ import onnxruntime
 import torch
 
 from . import __version__
-from .activations import TrainActivations
+from .activations import TrainActivations, choose_base_step
 from .data import NAMED_DATASETS, Dataset, load_dataset
 from .exporters.onnx_base import export_base
 from .models.nets import PreactNet, build_model
 from .runtime.errors import BaseModelError
 from .runtime.base import BaseGraph
+from .runtime.basecard import BaseCard, card_path_for, relu_inputs
 from .runtime.fileio import PathLike, sha256_file
 from .runtime.model import PatchedModel
 from .train import TrainConfig, fit
 
 CARD_NAME = "card.json"
 ONNX_NAME = "base.onnx"
+DEVICE_CARD_NAME = card_path_for(ONNX_NAME).name  # base.card.json: what devices keep beside base.onnx
 WEIGHTS_NAME = "weights.pt"
 CARD_FORMAT = "prune-edge-base/1"
 
@@ -57,7 +59,8 @@ class BaseBundle:
     def activations(self) -> TrainActivations:
         """The training set through this base, kept for the bundle's lifetime: a server that holds
         a loaded base answers every later request without another pass over the training set."""
-        return TrainActivations(self.net, self.dataset.x_train)
+        card = self.graph.card
+        return TrainActivations(self.graph, self.dataset.x_train, card.gate_step_log2, [g.name for g in card.relu_inputs])
 
     @cached_property
     def graph(self) -> BaseGraph:
@@ -75,6 +78,19 @@ class BaseBundle:
             arch=self.card["arch"], seed=t["seed"], epochs=t["epochs"], batch_size=t["batch_size"],
             lr=t["lr"], weight_decay=t["weight_decay"], model_config=self.card["config"],
         )
+
+
+def write_device_card(onnx_path: Path, x_train: np.ndarray, n_classes: int) -> BaseCard:
+    """Write ``base.card.json`` beside ``base.onnx``: its sha256, its Relu inputs (re-derived from the
+    graph, as a device does) and the gates' step, chosen once from the training set."""
+    graph = BaseGraph.load(onnx_path)
+    relus = relu_inputs(graph.model, graph.tensor_shapes())
+    if not relus:
+        raise BaseModelError(f"{onnx_path}: expected Relu nodes to gate on, found none")
+    step = choose_base_step(graph, x_train, [g.name for g in relus])
+    card = BaseCard(graph.sha256, graph.logits_name, n_classes, relus, step)
+    card.write(card_path_for(onnx_path))
+    return card
 
 
 def _source(dataset: str) -> str:
@@ -140,6 +156,10 @@ def train_base(
                 "python": platform.python_version(),
             },
         }
+        device_card = write_device_card(tmp / ONNX_NAME, ds.x_train, ds.n_classes)
+        if [g.name for g in device_card.relu_inputs] != card["onnx"]["preacts"]:
+            raise BaseModelError(f"exported graph's Relu inputs {[g.name for g in device_card.relu_inputs]} are not its pre-activations")
+        card["device_card"] = {"file": DEVICE_CARD_NAME, "gate_step_log2": device_card.gate_step_log2}
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -182,4 +202,6 @@ def load_base(path: PathLike) -> BaseBundle:
     dataset = load_dataset(card["dataset"]["source"])
     if dataset_fingerprint(dataset) != card["dataset"]["fingerprint"]:
         raise BaseModelError(f"{folder}: dataset {card['dataset']['source']!r} differs from the one this base was trained on")
+    if not (folder / DEVICE_CARD_NAME).exists():  # a base from before device cards: write it now
+        write_device_card(folder / ONNX_NAME, dataset.x_train, card["n_classes"])
     return BaseBundle(path=folder, card=card, net=net, dataset=dataset)

@@ -149,10 +149,14 @@ def _card_table(card: dict) -> str:
 @click.option("--gate-layers", default=None, help="'all' or 'last:K'. Default: all (mlp), last:1 (cnn).")
 @click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=None, help="Fixed gate sharpness (default: widest safe gate per patch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random confusing labels.")
+@click.option("--bounds", type=click.Choice(["dual", "exact"]), default="dual", show_default=True,
+              help="prune: sound Lagrangian dual bounds (torch, GPU when present) or exact HiGHS LPs.")
+@click.option("--after", "after", multiple=True, type=click.Path(dir_okay=False),
+              help="A patch devices already run (repeatable): checked together with the new one.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Patch file to write (.pepatch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, device, out, as_json) -> None:
+def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, bounds, after, device, out, as_json) -> None:
     """Compute a certified PRUNE patch that makes the base forget the given training points."""
     from .basedir import load_base
     from .requests import read_forget_ids
@@ -167,10 +171,10 @@ def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, devic
         from .regions import parse_gate_layers
 
         parse_gate_layers(layers, bundle.net.n_hidden)
-        config = SynthConfig(mode=mode, gate_layers=layers, gamma=gamma, seed=seed)
+        config = SynthConfig(mode=mode, gate_layers=layers, gamma=gamma, seed=seed, bounds=bounds)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gate-layers/--gamma") from None
-    report = build_point_patch(bundle, ids, config, out, device=device, progress=not as_json)
+    report = build_point_patch(bundle, ids, config, out, device=device, progress=not as_json, after=after)
     if as_json:
         _emit_json(report)
     else:
@@ -182,10 +186,12 @@ def _build_table(r: dict) -> str:
     acc = ev["accuracy"]
     loc = ev["locality"]
     rows = [("points / records", f"{r['points']} / {r['records']}"), ("mode", f"{r['mode']}, gate layers {r['gate_layers']}")]
+    if r["already_covered"]:
+        rows.append(("already covered by --after", r["already_covered"]))
     rows += [(f"{k} accuracy", f"{_pct(v['before'])} -> {_pct(v['after'])}") for k, v in acc.items()]
     rows += [(f"{k} logits unchanged", f"{v['unchanged']}/{v['points']} (gates touched {v['gate_touched']})") for k, v in loc.items()]
     rows += [
-        ("forget points on target label", f"{ev['forget_to_target']}/{ev['forget_points']}"),
+        ("forget points on target label", f"{ev['forget_to_target']}/{ev['forget_patched_here']}"),
         ("build seconds", f"{r['build_seconds']:.3f} (base training {r['base_training_seconds']:.2f})"),
         ("patch bytes", f"{r['patch_bytes']} ({_pct(r['patch_to_base'])} of base {r['base_bytes']})"),
         ("patch", f"{r['patch']} (id {r['patch_id']})"),
@@ -194,10 +200,33 @@ def _build_table(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- device
-def _patched(base: str, patches: Sequence[str]):
+def _policy(policy_path: str | None, max_gate_width: float | None):
+    """The device policy: defaults, a JSON file, then the command-line override."""
+    import dataclasses
+
+    from .runtime.policy import DEFAULT_POLICY, DevicePolicy
+
+    policy = DevicePolicy.load(policy_path) if policy_path else DEFAULT_POLICY
+    if max_gate_width is not None:
+        policy = dataclasses.replace(policy, max_gate_width=max_gate_width)
+    return policy
+
+
+def _device_options(f):
+    """--card, --policy, --max-gate-width: what the device trusts, shared by every device command."""
+    f = click.option("--max-gate-width", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Widest gate allowed (1/gamma, pre-activation units). Default: the policy's (1.0).")(f)
+    f = click.option("--policy", "policy_path", type=click.Path(dir_okay=False), default=None,
+                     help="Device policy JSON (caps on gate width, |T|, |t|, records).")(f)
+    f = click.option("--card", "card_path", type=click.Path(dir_okay=False), default=None,
+                     help="Base card. Default: base.card.json beside the base model.")(f)
+    return f
+
+
+def _patched(base: str, patches: Sequence[str], card_path: str | None = None, policy=None):
     from .runtime.model import PatchedModel
 
-    return PatchedModel(base, list(patches))
+    return PatchedModel(base, list(patches), card_path=card_path, **({"policy": policy} if policy else {}))
 
 
 @main.command()
@@ -206,9 +235,10 @@ def _patched(base: str, patches: Sequence[str]):
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False), help="float32 .npy of shape (N, C, H, W).")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None, help="Write the logits to this .npy.")
 @click.option("--json", "as_json", is_flag=True, help="Print labels as JSON.")
-def predict(base: str, patches: tuple[str, ...], input_path: str, logits_out: str | None, as_json: bool) -> None:
+@_device_options
+def predict(base, patches, input_path, logits_out, as_json, card_path, policy_path, max_gate_width) -> None:
     """Run the base (plus verified patches) with onnxruntime and print labels."""
-    model = _patched(base, patches)
+    model = _patched(base, patches, card_path, _policy(policy_path, max_gate_width))
     x = _load_array(input_path)
     logits = model.logits(x)
     if logits_out:
@@ -225,27 +255,73 @@ def predict(base: str, patches: tuple[str, ...], input_path: str, logits_out: st
 
 @main.command()
 @click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False), help="base.onnx the patches must be bound to.")
-@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False))
+@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False), help="Patch file(s) the device runs together.")
+@click.option("--probe", "probe_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="float32 .npy of the device's own inputs: measure on how many any gate opens.")
+@click.option("--max-open", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="With --probe: refuse if gates open on more than this fraction of the inputs.")
 @click.option("--json", "as_json", is_flag=True)
-def certify(base: str, patches: tuple[str, ...], as_json: bool) -> None:
-    """Check patch files (format, integrity, binding, structure, certificate); exit 0 only if all pass."""
+@_device_options
+def certify(base, patches, probe_path, max_open, as_json, card_path, policy_path, max_gate_width) -> None:
+    """Check patch files (format, integrity, binding, structure, locality, certificate), then the set
+    (interference) and, with --probe, how often gates open; exit 0 only if all pass, 3 if any fails."""
     from .runtime.base import BaseGraph
-    from .runtime.verify import certify_patch
+    from .runtime.errors import PatchVerificationError as Refused
+    from .runtime.model import PatchedModel
+    from .runtime.verify import certify_patch, check_patch_set
 
-    graph = BaseGraph.load(base)
-    reports = [certify_patch(p, graph) for p in patches]
+    policy = _policy(policy_path, max_gate_width)
+    x_probe = graph_input = None
+    if probe_path:
+        x_probe = _load_array(probe_path)  # the user's input is checked before any patch work
+    graph = BaseGraph.load(base, card_path)
+    if x_probe is not None:
+        graph_input = graph.check_input(x_probe)
+    graph.card  # a missing or mismatched card is the device's own input error (exit 1), before any patch
+    reports = [certify_patch(p, graph, policy) for p in patches]
     ok = all(r.passed for r in reports)
+    set_checks: list[tuple[str, str, str]] = []
+    failure: tuple[str, str] | None = None
+    if ok:
+        verified = [r.verified for r in reports]
+        try:
+            check_patch_set(verified, policy)
+            set_checks.append(("interference", "pass", f"{sum(len(v.manifest.records) for v in verified)} records "
+                                                       f"in {len(verified)} patches: no region shared by different targets"))
+            if probe_path:
+                model = PatchedModel(base, verified, base=graph, policy=policy)  # verified above: not checked twice
+                fraction = model.probe(graph_input, max_open)
+                set_checks.append(("probe", "pass", f"gates open on {fraction:.2%} of {len(graph_input)} probe inputs "
+                                                    f"(limit {max_open:.2%})"))
+        except Refused as exc:
+            set_checks.append((exc.check, "fail", str(exc)))
+            failure = (exc.check, str(exc))
+    ok = ok and failure is None
     if as_json:
-        _emit_json({"passed": ok, "base_sha256": graph.sha256, "patches": [r.to_json() for r in reports]})
+        _emit_json({
+            "passed": ok, "base_sha256": graph.sha256, "policy": policy.to_json(),
+            "patches": [r.to_json() for r in reports],
+            "set": [{"name": n, "status": st, "detail": d} for n, st, d in set_checks],
+        })
     else:
         for r in reports:
-            click.echo(f"{r.source}: {'PASS' if r.passed else 'FAIL'}")
-            click.echo(_table([(f"  {c.name}", c.status, c.detail) for c in r.checks]))
+            click.echo(f"{_safe(r.source)}: {'PASS' if r.passed else 'FAIL'}")
+            click.echo(_table([(f"  {c.name}", c.status, _safe(c.detail)) for c in r.checks]))
+        if set_checks:
+            click.echo("all patches together: " + ("PASS" if failure is None else "FAIL"))
+            click.echo(_table([(f"  {n}", st, _safe(d)) for n, st, d in set_checks]))
     if not ok:
         for r in reports:
             if r.failure:
-                click.echo(f"error: {r.source} refused ({r.failure.name}): {r.failure.detail}", err=True)
+                click.echo(f"error: {_safe(r.source)} refused ({r.failure.name}): {_safe(r.failure.detail)}", err=True)
+        if failure:
+            click.echo(f"error: patch set refused ({failure[0]}): {_safe(failure[1])}", err=True)
         sys.exit(EXIT_VERIFY)
+
+
+def _safe(text: Any) -> str:
+    """Text from a patch file or the user, made safe for a terminal: control characters escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 @main.command("verify-sample")
@@ -254,11 +330,14 @@ def certify(base: str, patches: tuple[str, ...], as_json: bool) -> None:
 @click.option("--sample", required=True, type=click.Path(exists=True, dir_okay=False), help="float32 .npy: one sample (C,H,W) or (1,C,H,W).")
 @click.option("--label", required=True, type=int, help="The sample's true label.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_sample(base: str, patches: tuple[str, ...], sample: str, label: int, as_json: bool) -> None:
-    """Check that your own sample is forgotten (patched label != its label) and which patch covers it.
+@_device_options
+def verify_sample(base, patches, sample, label, as_json, card_path, policy_path, max_gate_width) -> None:
+    """Check your own sample: is it covered by a patch (which record acts, with which gate), and is
+    its patched label different from yours.
 
-    Exit 0 if forgotten, 1 if the patched model still predicts the label."""
-    model = _patched(base, patches)
+    Exit 0 only if a record's gate is fully open on it (its certificate covers the sample) and the
+    label differs; 1 if no patch covers it ("not covered") or it still gets your label."""
+    model = _patched(base, patches, card_path, _policy(policy_path, max_gate_width))
     x = _load_array(sample)
     if x.ndim == len(model.base.input_shape):
         x = x[None]
@@ -269,21 +348,33 @@ def verify_sample(base: str, patches: tuple[str, ...], sample: str, label: int, 
         # An impossible label would always read as "forgotten".
         raise InputError(f"--label: expected a class in [0, {base_logits.shape[1]}), found {label}")
     base_label = int(base_logits.argmax(1)[0])
-    after = int(model.predict(x)[0])
-    covering = []
-    for vp, g in zip(model.patches, model.gates(x)):
-        for k, v in enumerate(g[0]):
-            if v > 0:
-                covering.append({"patch_id": vp.manifest.patch_id, "record": k, "gate": float(v), "target": vp.manifest.records[k].target})
-    forgotten = after != label
-    doc = {"label": label, "base_prediction": base_label, "patched_prediction": after, "forgotten": forgotten, "covered_by": covering}
+    logits, cover = model.logits_and_coverage(x)
+    after = int(logits.argmax(1)[0])
+    gate = float(cover.gate[0])
+    covering = None
+    if cover.covered[0]:
+        vp = model.patches[int(cover.patch[0])]
+        k = int(cover.record[0])
+        covering = {"patch_id": vp.manifest.patch_id, "record": k, "gate": gate, "target": vp.manifest.records[k].target,
+                    "certified": gate == 1.0}
+    differs = after != label
+    status = "not covered" if covering is None else ("forgotten" if differs and covering["certified"] else
+                                                     "covered, label differs" if differs else "covered, label unchanged")
+    doc = {"label": label, "base_prediction": base_label, "patched_prediction": after, "label_differs": differs,
+           "covered_by": covering, "status": status}
     if as_json:
         _emit_json(doc)
     else:
-        rows = [("label", label), ("base prediction", base_label), ("patched prediction", after), ("forgotten", "yes" if forgotten else "NO")]
-        rows += [("covered by", f"patch {c['patch_id']} record {c['record']} (gate {c['gate']:.3f}, target {c['target']})") for c in covering] or [("covered by", "no patch gate is open")]
+        rows = [("label", label), ("base prediction", base_label), ("patched prediction", after),
+                ("label differs", "yes" if differs else "no")]
+        if covering:
+            rows.append(("covered by", f"patch {covering['patch_id']} record {covering['record']} "
+                                       f"(gate {gate:.3f}, target {covering['target']})"))
+        else:
+            rows.append(("covered by", "no patch: every gate is closed on this sample"))
+        rows.append(("status", status))
         click.echo(_table(rows))
-    if not forgotten:
+    if status != "forgotten":
         sys.exit(EXIT_FAILURE)
 
 
@@ -297,7 +388,7 @@ def inspect(patch: str, as_json: bool) -> None:
     pf = read_patch_file(patch)
     m = pf.manifest
     if as_json:
-        _emit_json({"size": pf.size, "manifest": m.to_json()})
+        _emit_json({"size": pf.size, "manifest": m.to_json(), "max_gate_width": m.max_gate_width})
         return
     rows = [
         ("patch id", m.patch_id),
@@ -311,9 +402,12 @@ def inspect(patch: str, as_json: bool) -> None:
         ("points", m.request.get("n_points", "?")),
         ("targets", " ".join(str(r.target) for r in m.records)),
         ("gamma range", f"{min(r.gamma for r in m.records):.4g} .. {max(r.gamma for r in m.records):.4g}"),
+        ("max gate width", f"{m.max_gate_width:.4g} (1/gamma, pre-activation units; default device policy 1)"),
+        ("gate step", f"2^{m.gate_step_log2}"),
+        ("chain", f"position {m.chain['position']}, after {len(m.chain['after'])} patches"),
         ("specification", f"rows e_j - e_target in [{m.q_lower:g}, {m.q_upper:g}]"),
     ]
-    click.echo(_table(rows))
+    click.echo(_table([(k, _safe(v)) for k, v in rows]))
 
 
 # ----------------------------------------------------------------------------- demo

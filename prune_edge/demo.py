@@ -51,7 +51,7 @@ def run_demo(out: Path, points: int = 20, mode: str = "prune", seed: int = 0, de
         ("test accuracy", pct(acc["test"]["before"]), pct(acc["test"]["after"])),
         ("retain logits unchanged", "", f"{loc['retain']['unchanged']}/{loc['retain']['points']}"),
         ("test logits unchanged", "", f"{loc['test']['unchanged']}/{loc['test']['points']}"),
-        ("forget points on target", "", f"{ev['forget_to_target']}/{ev['forget_points']}"),
+        ("forget points on target", "", f"{ev['forget_to_target']}/{ev['forget_patched_here']}"),
         ("seconds (train base | build patch)", f"{report['base_training_seconds']:.2f}", f"{report['build_seconds']:.2f}"),
         ("bytes (base | patch)", str(report["base_bytes"]), f"{report['patch_bytes']} ({pct(report['patch_to_base'])})"),
     ]

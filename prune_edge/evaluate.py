@@ -39,16 +39,15 @@ def evaluate_patch(
     }
     out: dict[str, Any] = {"accuracy": {}, "locality": {}}
     for name, (x, y) in splits.items():
-        lb, (lp, gate_list) = base.logits(x), patched.logits_and_gates(x)
+        lb, (lp, cover) = base.logits(x), patched.logits_and_coverage(x)
         out["accuracy"][name] = {"before": _acc(lb.argmax(1), y), "after": _acc(lp.argmax(1), y)}
         if name != "forget":
             delta = np.abs(lp - lb).max(axis=1)
-            gates = np.concatenate(gate_list, axis=1) if gate_list else np.zeros((len(x), 0))
             out["locality"][name] = {
                 "points": int(len(x)),
                 "unchanged": int((delta <= LOCALITY_ATOL).sum()),
                 "bit_identical": int((lp == lb).all(axis=1).sum()),
-                "gate_touched": int((gates > 0).any(axis=1).sum()),
+                "gate_touched": int(cover.covered.sum()),
                 "max_abs_delta": float(delta.max()) if len(delta) else 0.0,
             }
         else:

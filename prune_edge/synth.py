@@ -2,31 +2,43 @@
 
 For each forget point (points that share an activation pattern merge into one record):
 1. pick a random "confusing" target label (not the true label, and not the base's prediction unless
-   that leaves no class, as with two classes and a misclassified point);
-2. ``prune``: bound every specification row e_j - e_target over the region with two LPs, then scale
-   (alpha) and shift (beta) each row into [q_lower, q_upper] -- PRUNE's closed form;
+   that leaves no class, as with two classes and a misclassified point); where the region meets a
+   record of a patch the devices already run (``after``), take that record's target instead, so the
+   two can never disagree on an input (and a point already inside such a region is not re-patched);
+2. ``prune``: bound every specification row e_j - e_target over the region (sound Lagrangian dual
+   bounds by default, exact HiGHS LPs with ``bounds="exact"``), then scale (alpha) and shift (beta)
+   each row into [q_lower, q_upper] -- PRUNE's closed form;
    ``collapse``: alpha = 0, so the region's output becomes a constant where the target wins by the
    margin (no LP, certified by construction);
 3. choose the widest gate (smallest gamma) that, with a safety factor, stays closed on every retained
-   training point and every other record's forget points.
+   training point and every other record's forget points, and no wider than the device policy.
+The region of a record is exactly where its gate is 1 (see ``runtime.patchgraph``), so certifying
+the region certifies every input the record acts on in full.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .activations import NO_POINT, GatedView, TrainActivations
-from .models.nets import PreactNet
 from .lp import row_bounds_many
+from .models.nets import PreactNet
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
 from .runtime.errors import RequestError
+from .runtime.interference import RecordSet, meeting_targets
+from .runtime.manifest import GatedTensor
 from .runtime.patchgraph import PatchParams, affine_from_scales_many, spec_rows
+from .runtime.policy import DEFAULT_POLICY
 
 MODES = ("prune", "collapse")
+BOUNDS = ("dual", "exact")
+# Aim this far inside the specification, so the float32 rounding of the stored t (checked by the
+# device on the stored tensors, with no tolerance) cannot leave it.
+SPEC_INSET = 1e-4
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,10 @@ class SynthConfig:
     q_lower: float = -1000.0
     gate_safety: float = 2.0  # gate closes at 1/safety of the nearest other point's violation
     max_gamma: float = 1e4
-    lp_workers: int | None = None  # processes for the region LPs; None: all cores
+    max_gate_width: float = DEFAULT_POLICY.max_gate_width  # 1/gamma never above the device policy
+    bounds: str = "dual"  # "dual": sound Lagrangian bounds (torch); "exact": HiGHS LPs
+    dual_steps: int = 300
+    lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,6 +65,8 @@ class SynthConfig:
             raise ValueError(f"gamma: expected a positive finite number, found {self.gamma}")
         if not self.margin > 0:
             raise ValueError(f"margin: expected > 0, found {self.margin}")
+        if self.bounds not in BOUNDS:
+            raise ValueError(f"bounds: expected one of {BOUNDS}, found {self.bounds!r}")
 
     @property
     def q_upper(self) -> float:
@@ -80,6 +97,7 @@ class SynthResult:
     start: int  # first gated hidden layer
     scale_log2: int  # the gates' quantization step 2^e (see runtime.patchgraph)
     stats: dict[str, Any] = field(default_factory=dict)
+    covered: dict[int, tuple[str, int]] = field(default_factory=dict)  # forget position -> (patch source, record)
 
     def params(self) -> PatchParams:
         return PatchParams(
@@ -97,11 +115,15 @@ def _round_outward(lower: np.ndarray, upper: np.ndarray, decimals: int = 6) -> t
     return np.floor(lower * q) / q, np.ceil(upper * q) / q
 
 
+def _inset(q: float | np.ndarray) -> float | np.ndarray:
+    return SPEC_INSET + 1e-6 * np.abs(q)
+
+
 def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper: float) -> tuple[np.ndarray, np.ndarray]:
     """PRUNE: per row, scale the interval to fit the specification width, then shift it inside."""
-    # Aim a hair inside the specification so float rounding of alpha * v + beta cannot leave it.
-    q_lower_in = q_lower + 1e-6 * (1.0 + abs(q_lower))
-    q_upper_in = q_upper - 1e-6 * (1.0 + np.abs(upper))
+    # Aim a little inside the specification so float32 rounding of the stored t cannot leave it.
+    q_lower_in = q_lower + _inset(q_lower)
+    q_upper_in = q_upper - _inset(upper)
     alpha = np.ones_like(upper)
     beta = np.zeros_like(upper)
     width, room = upper - lower, q_upper_in - q_lower_in
@@ -136,60 +158,70 @@ def synthesize(
     y_train: np.ndarray,
     forget_ids: np.ndarray,
     config: SynthConfig,
+    activations: TrainActivations,
     device: str = "cpu",
     progress: bool = True,
-    activations: TrainActivations | None = None,
+    after: Sequence[RecordSet] = (),
 ) -> SynthResult:
     """Build certified records that move every forget point to a confusing label.
 
-    ``activations`` (the training set through this base, see :mod:`.activations`) is what a server
-    keeps between requests; without it the one forward pass over the training set is paid here.
+    ``activations`` (the training set through this base's ONNX graph, see :mod:`.activations`) is
+    what a server keeps between requests. ``after`` holds the records of the patches devices already
+    run: points inside their regions are reported as covered, not patched again, and new records take
+    the target of any old record whose region they meet.
     """
     t0 = time.perf_counter()
-    n_classes = net.layers[-1].out_features  # (regions and the training view put the net in eval mode)
+    n_classes = net.layers[-1].out_features
     start = parse_gate_layers(config.gate_layers, net.n_hidden)
-    view = (activations or TrainActivations(net, x_train)).view(start)
+    view = activations.view(start)
+    gated = tuple(GatedTensor(n, s) for n, s in _gated_of(activations, start))
     rng = np.random.default_rng(config.seed)
-    if config.mode == "prune":
-        # PRUNE needs each region's affine map and constraints (float64) for its LPs.
-        regions: Regions | None = compute_regions(net, x_train[forget_ids], start, device=device)
-        signs = regions.signs
-        logits = regions.off_f.numpy() + np.einsum("bcd,bd->bc", regions.jac_f.numpy(), regions.h.numpy())
-    else:
-        # Collapse needs no LP, hence no Jacobian: forget points are training points, so their
-        # patterns and logits are rows of the training set's view.
-        regions = None
-        signs = view.signs(forget_ids)
-        logits = view.logits[forget_ids].astype(np.float64)
-    t_regions = time.perf_counter() - t0
+    forget_ids = np.asarray(forget_ids, dtype=np.int64)
+    covered = _covered_by(activations, after, forget_ids)
+    todo = np.array([i for i in range(len(forget_ids)) if i not in covered], dtype=np.int64)
+    if not len(todo):
+        raise RequestError(f"every one of the {len(forget_ids)} points is already covered by the patches given with --after")
+    ids = forget_ids[todo]
+    # The device's own float32 values (onnxruntime on base.onnx): patterns exactly as its gates read them.
+    signs = view.signs(ids)
+    logits = view.logits[ids].astype(np.float64)
     # Points with the same pattern share one region, hence one record.
     groups: dict[bytes, list[int]] = {}
     for i, s in enumerate(signs):
         groups.setdefault(s.tobytes(), []).append(i)
     preds = logits.argmax(1).tolist()
-    labels = y_train[forget_ids].tolist()
+    labels = y_train[ids].tolist()
     draws = rng.random(len(groups)).tolist()  # one draw per record, in record order: deterministic by seed
+    reps = [members[0] for members in groups.values()]
+    forced = meeting_targets(after, gated, signs[reps]) if after else [set() for _ in reps]
     plans = []
-    for members, draw in zip(groups.values(), draws):
-        target = choose_target(draw, {labels[i] for i in members}, {preds[i] for i in members}, n_classes)
+    for members, draw, must in zip(groups.values(), draws, forced):
+        member_labels = {labels[i] for i in members}
+        if len(must) > 1 or (must and must & member_labels):
+            raise RequestError(
+                f"training point {int(ids[members[0]])}: its region meets earlier records with targets {sorted(must)}; "
+                "no target keeps both certificates (try --gate-layers all)"
+            )
+        target = next(iter(must)) if must else choose_target(draw, member_labels, {preds[i] for i in members}, n_classes)
         plans.append((members, target))
-    lp_solves, t_lp = 0, 0.0
+    t_regions = time.perf_counter() - t0
+    p, rows = len(plans), n_classes - 1
+    lp_solves, t_lp, bound_stats = 0, 0.0, {}
     if config.mode == "prune":
         t1 = time.perf_counter()
-        tasks = [(region_lp(regions, members[0]), spec_rows(target, n_classes)) for members, target in plans]
-        bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
-        lp_solves = sum(b[2] for b in bounds)
+        # PRUNE needs each region's affine map and constraints (float64) for its bounds; the pattern
+        # is the device's (float32), which the float64 pass agrees with up to a neuron at exactly 0.
+        regions: Regions = compute_regions(net, x_train[ids[reps]], start, device=device)
+        regions.signs = signs[reps]
+        lower, upper, lp_solves, bound_stats = _region_bounds(regions, [tg for _, tg in plans], config, device, progress)
         t_lp = time.perf_counter() - t1
-    # Every record's scales, then PRUNE's closed form for all of them at once.
-    reps = [members[0] for members, _ in plans]
-    p, rows = len(plans), n_classes - 1
-    if config.mode == "prune":
-        lower, upper = _round_outward(np.stack([bd[0] for bd in bounds]), np.stack([bd[1] for bd in bounds]))
+        lower, upper = _round_outward(lower, upper)
         alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper)
         mean_scale, mean_shift = np.ones(p), np.zeros(p)
     else:
         lower = upper = None
-        alpha, beta = np.zeros((p, rows)), np.full((p, rows), config.q_upper)
+        alpha = np.zeros((p, rows))
+        beta = np.full((p, rows), np.floor((config.q_upper - SPEC_INSET) * 1e6) / 1e6)
         mean_scale, mean_shift = np.zeros(p), np.round(logits[reps].mean(axis=1), 6)  # the region's mean logit
     T, t = affine_from_scales_many([target for _, target in plans], np.column_stack([alpha, mean_scale]),
                                    np.column_stack([beta, mean_shift]), n_classes)
@@ -198,7 +230,7 @@ def synthesize(
             signs=signs[rep].copy(), gamma=float("nan"), target=target, alpha=alpha[k], beta=beta[k],
             mean_scale=float(mean_scale[k]), mean_shift=float(mean_shift[k]),
             lower=None if lower is None else lower[k], upper=None if upper is None else upper[k], T=T[k], t=t[k],
-            members=list(members),
+            members=[int(todo[i]) for i in members],
         )
         for k, ((members, target), rep) in enumerate(zip(plans, reps))
     ]
@@ -210,15 +242,72 @@ def synthesize(
         "regions_seconds": t_regions,
         "lp_seconds": t_lp,
         "lp_solves": lp_solves,
+        "bounds": config.bounds if config.mode == "prune" else None,
+        **bound_stats,
         "gate_seconds": t_end - t_gates,
         "records": len(records),
         "points": int(len(forget_ids)),
+        "already_covered": len(covered),
         "gated_values": int(signs.shape[1]),
         "gate_start_layer": start,
         "gate_scale_log2": view.scale_log2,
         "unavoidable_overlaps": overlaps,
     }
-    return SynthResult(records=records, start=start, scale_log2=view.scale_log2, stats=stats)
+    return SynthResult(records=records, start=start, scale_log2=view.scale_log2, stats=stats, covered=covered)
+
+
+def _gated_of(activations: TrainActivations, start: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = activations.graph.tensor_shapes()
+    return [(n, tuple(shapes[n])) for n in activations.relu_inputs[start:]]
+
+
+def _covered_by(activations: TrainActivations, after: Sequence[RecordSet], forget_ids: np.ndarray) -> dict[int, tuple[str, int]]:
+    """Forget positions already inside a region of an earlier record: forgotten, certified, done."""
+    out: dict[int, tuple[str, int]] = {}
+    names = activations.relu_inputs
+    for s in after:
+        k = len(names) - len(s.gated)
+        if k < 0 or tuple(names[k:]) != tuple(g.name for g in s.gated):
+            continue
+        table = {row.tobytes(): r for r, row in enumerate(s.signs)}
+        for i, row in enumerate(activations.view(k).signs(forget_ids)):
+            r = table.get(row.tobytes())
+            if r is not None and i not in out:
+                out[i] = (s.source, r)
+    return out
+
+
+def _region_bounds(
+    regions: Regions, targets: list[int], config: SynthConfig, device: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """Sound [lower, upper] of every specification row over every region.
+
+    Only bounds that can change the patch are optimised: a row's lower side keeps its box bound when
+    that already fits the specification (then alpha and beta depend on the upper side alone)."""
+    specs = [spec_rows(tg, regions.jac_f.shape[1]) for tg in targets]
+    jac_f, off_f = regions.jac_f.numpy(), regions.off_f.numpy()
+    obj = np.einsum("bkc,bcd->bkd", np.stack(specs), jac_f)  # (B, C-1, D)
+    const = np.einsum("bkc,bc->bk", np.stack(specs), off_f)
+    lo, hi = regions.lower, regions.upper
+    box_lower = np.minimum(obj * lo, obj * hi).sum(axis=2) + const
+    if config.bounds == "exact":
+        tasks = [(region_lp(regions, b), specs[b]) for b in range(len(targets))]
+        bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
+        lower, upper = np.stack([bd[0] for bd in bounds]), np.stack([bd[1] for bd in bounds])
+        return lower, upper, sum(bd[2] for bd in bounds), {}
+    from .bounds import dual_lower_bounds
+
+    lps = [region_lp(regions, b) for b in range(len(targets))]
+    A = np.stack([lp.a_ub for lp in lps])
+    bvec = np.stack([lp.b_ub for lp in lps])
+    upper = -dual_lower_bounds(A, bvec, lo, hi, -obj, steps=config.dual_steps, device=device) + const
+    room = (config.q_upper - _inset(upper)) - (config.q_lower + _inset(config.q_lower))
+    keep = (box_lower >= config.q_lower + _inset(config.q_lower)) & (upper - box_lower <= room)
+    lower = box_lower.copy()
+    if not keep.all():
+        need = np.flatnonzero(~keep.all(axis=1))
+        lower[need] = dual_lower_bounds(A[need], bvec[need], lo, hi, obj[need], steps=config.dual_steps, device=device) + const[need]
+    return lower, upper, 0, {"bounds_skipped": int(keep.sum()), "bounds_optimised": int(upper.size + (~keep).sum())}
 
 
 def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData], config: SynthConfig) -> int:
@@ -234,11 +323,13 @@ def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData
     exclude = [forget_ids[r.members] for r in records]  # a record's own forget points may open its gate
     rows = np.array([forget_ids[r.members[0]] for r in records])
     mins = view.min_violation_steps(np.stack([r.signs for r in records]), rows, exclude)  # exact integers
-    v_min = np.where(mins == NO_POINT, np.inf, mins * (view.step / 2))
+    v_min = np.where(mins == NO_POINT, np.inf, mins * (view.step / 4))  # in pre-activation units
     # v_min <= 0: the record shares its exact region with such a point (counted; no gate can exclude
     # it); inf: nothing else to keep out, so the tightest gate is the cautious one.
     with np.errstate(divide="ignore"):
         gamma = np.where(np.isfinite(v_min) & (v_min > 0), config.gate_safety / v_min, config.max_gamma)
+    # never wider than the device policy: 1/gamma <= max_gate_width (a hair inside, for float32 gamma)
+    gamma = np.maximum(gamma, (1.0 + 1e-6) / config.max_gate_width)
     for r, g in zip(records, np.minimum(gamma, config.max_gamma).tolist()):
         r.gamma = g
     overlaps = int((v_min <= 0).sum())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from .exporters.patch_export import BaseRef, RecordCert, build_patch, commit_ids
 from .runtime.fileio import PathLike, atomic_write_bytes
 from .runtime.manifest import GatedTensor
 from .runtime.patchfile import unpack
-from .runtime.verify import verify_patch
+from .runtime.verify import VerifiedPatch, check_patch_set, verify_patch
 from .synth import SynthConfig, SynthResult, synthesize
 from .train import resolve_device
 
@@ -42,31 +42,45 @@ def build_point_patch(
     device: str = "auto",
     progress: bool = True,
     evaluate: bool = True,
+    after: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
     """Synthesise, package, self-verify and write a patch forgetting ``forget_ids``.
 
-    The file is verified with the device's own checks before it is written (atomically), so the
-    server never ships a patch a device would refuse. The id salt goes to ``OUT.request.json`` beside
-    the patch (server-side record), never into the patch.
+    ``after`` names the patches devices already run: they are verified first, points inside their
+    regions are answered from them (not patched again), and the new patch is checked together with
+    them, so a device running the whole chain keeps every certificate. The file is verified with the
+    device's own checks before it is written (atomically), so the server never ships a patch a device
+    would refuse. The id salt goes to ``OUT.request.json`` beside the patch (server-side record),
+    never into the patch.
     """
     ds = bundle.dataset
     dev = resolve_device(device)
-    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, device=str(dev), progress=progress,
-                        activations=bundle.activations)
+    earlier: list[VerifiedPatch] = [verify_patch(p, bundle.graph) for p in after]
+    check_patch_set(earlier)
+    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, activations=bundle.activations,
+                        device=str(dev), progress=progress, after=[vp.record_set() for vp in earlier])
     salt = new_salt()
     t0 = time.perf_counter()
     request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt)}
+    chain = {
+        "position": 1 + max((vp.manifest.chain["position"] for vp in earlier), default=-1),
+        "after": [vp.manifest.patch_id for vp in earlier],
+        "replaces": [],
+    }
     manifest, data = build_patch(
-        base_ref(bundle, result.start), result.params(), certs_of(result), config.mode, config.q_lower, config.q_upper, request
+        base_ref(bundle, result.start), result.params(), certs_of(result), config.mode, config.q_lower, config.q_upper,
+        request, chain,
     )
     export_seconds = time.perf_counter() - t0
-    verify_patch(unpack(data, source=Path(out).name), bundle.graph)
+    new = verify_patch(unpack(data, source=Path(out).name), bundle.graph)
+    check_patch_set([*earlier, new])
     write_patch(out, data)
     sidecar = {
         "patch_id": manifest.patch_id,
         "ids": [int(i) for i in forget_ids],
         "id_salt": salt.hex(),
         "targets": {int(forget_ids[m]): r.target for r in result.records for m in r.members},
+        "covered_by_earlier": {int(forget_ids[i]): {"patch": src, "record": rec} for i, (src, rec) in result.covered.items()},
     }
     atomic_write_bytes(str(out) + ".request.json", (json.dumps(sidecar, indent=1) + "\n").encode())
     report: dict[str, Any] = {
@@ -76,6 +90,8 @@ def build_point_patch(
         "gate_layers": config.gate_layers,
         "points": int(len(forget_ids)),
         "records": len(result.records),
+        "already_covered": len(result.covered),
+        "chain": chain,
         "build_seconds": result.stats["build_seconds"] + export_seconds,
         "synthesis": result.stats,
         "patch_bytes": len(data),
@@ -86,10 +102,10 @@ def build_point_patch(
     report["patch_to_base"] = report["patch_bytes"] / report["base_bytes"]
     if evaluate:
         report["evaluation"] = evaluate_patch(
-            bundle.onnx_path, [out], ds.x_train, ds.y_train, ds.x_test, ds.y_test, forget_ids
+            bundle.onnx_path, [*after, out], ds.x_train, ds.y_train, ds.x_test, ds.y_test, forget_ids
         )
-        targets = np.array([sidecar["targets"][int(i)] for i in forget_ids])
-        report["evaluation"]["forget_to_target"] = int(
-            (np.array(report["evaluation"]["forget_pred_after"]) == targets).sum()
-        )
+        new_ids = [int(forget_ids[m]) for r in result.records for m in r.members]
+        pred = dict(zip(map(int, forget_ids), report["evaluation"]["forget_pred_after"]))
+        report["evaluation"]["forget_to_target"] = sum(pred[i] == sidecar["targets"][i] for i in new_ids)
+        report["evaluation"]["forget_patched_here"] = len(new_ids)
     return report

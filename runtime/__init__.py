@@ -12,19 +12,33 @@ from .errors import (
     IncompatibleBaseError,
     InputError,
     IntegrityError,
+    InterferenceError,
+    LocalityError,
     PatchFormatError,
     PatchVerificationError,
+    ProbeError,
     PruneEdgeError,
     RequestError,
     StructureError,
 )
+from .basecard import BaseCard, card_path_for
 from .manifest import FORMAT_VERSION, GatedTensor, Manifest, Record
-from .model import PatchedModel, make_session
+from .model import Coverage, PatchedModel, make_session
+from .policy import DEFAULT_POLICY, DevicePolicy
 from .patchfile import GRAPH_NAME, MANIFEST_NAME, PATCH_SUFFIX, PatchFile, pack, read_patch_file, unpack
-from .verify import CHECKS, PatchReport, VerifiedPatch, certify_patch, verify_patch
+from .verify import CHECKS, PatchReport, VerifiedPatch, certify_patch, check_patch_set, verify_patch
 
 __all__ = [
+    "BaseCard",
     "BaseGraph",
+    "Coverage",
+    "DEFAULT_POLICY",
+    "DevicePolicy",
+    "InterferenceError",
+    "LocalityError",
+    "ProbeError",
+    "card_path_for",
+    "check_patch_set",
     "BaseModelError",
     "CHECKS",
     "CertificateError",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .basecard import BaseCard, card_path_for, relu_inputs
 from .errors import BaseModelError, InputError
 from .fileio import PathLike, sha256_bytes
 
@@ -31,9 +32,12 @@ class BaseGraph:
     input_shape: tuple  # after the batch dim; None where symbolic
     logits_name: str
     _shapes: dict[str, tuple] | None = field(default=None, repr=False)
+    _card: BaseCard | None = field(default=None, repr=False)
+    card_path: Path | None = None  # None: base.card.json beside the model
 
     @classmethod
-    def load(cls, path: PathLike) -> "BaseGraph":
+    def load(cls, path: PathLike, card_path: PathLike | None = None) -> "BaseGraph":
+        """Read a base model; its card is read (and checked) when a patch first needs it."""
         p = Path(path)
         try:
             data = p.read_bytes()
@@ -64,7 +68,30 @@ class BaseGraph:
             input_name=inputs[0].name,
             input_shape=_dims(inputs[0])[1:],
             logits_name=graph.output[0].name,
+            card_path=None if card_path is None else Path(card_path),
         )
+
+    @property
+    def card(self) -> BaseCard:
+        """The base card beside the model (or at ``card_path``), checked against this very graph:
+        same sha256 and logits, and its Relu inputs re-derived from the graph's own Relu nodes."""
+        if self._card is None:
+            path = self.card_path or card_path_for(self.path)
+            card = BaseCard.load(path)
+            name = Path(path).name
+            if card.base_sha256 != self.sha256:
+                raise BaseModelError(
+                    f"{name}: card is for base sha256 {card.base_sha256[:16]}..., found {self.path.name} "
+                    f"with sha256 {self.sha256[:16]}..."
+                )
+            found = relu_inputs(self.model, self.tensor_shapes())
+            if card.relu_inputs != found or card.logits_name != self.logits_name:
+                raise BaseModelError(
+                    f"{name}: expected Relu inputs {[g.name for g in found]} and logits {self.logits_name!r} "
+                    f"as in the graph, found {[g.name for g in card.relu_inputs]} and {card.logits_name!r}"
+                )
+            self._card = card
+        return self._card
 
     def tensor_shapes(self) -> dict[str, tuple]:
         """Shapes (after the batch dim) of every tensor shape inference can name."""

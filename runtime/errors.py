@@ -65,6 +65,25 @@ class CertificateError(PatchVerificationError):
     check = "certificate"
 
 
+class LocalityError(PatchVerificationError):
+    """A patch could act past what the base card and the device policy allow (gate step, gated
+    tensors, gate width, size of its tensors, number of records)."""
+
+    check = "locality"
+
+
+class InterferenceError(PatchVerificationError):
+    """Records of the patches a device runs together could break each other's certificates."""
+
+    check = "interference"
+
+
+class ProbeError(PatchVerificationError):
+    """On the device's own probe inputs, more gates open than the device allows."""
+
+    check = "probe"
+
+
 __all__ = [
     "PruneEdgeError",
     "InputError",
@@ -77,4 +96,7 @@ __all__ = [
     "IncompatibleBaseError",
     "StructureError",
     "CertificateError",
+    "LocalityError",
+    "InterferenceError",
+    "ProbeError",
 ]

@@ -10,6 +10,7 @@ separators, ASCII), so re-serialising a manifest never changes what was signed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,18 +20,27 @@ from typing import Any, Mapping
 from .errors import PatchFormatError
 
 FORMAT_NAME = "prune-edge-patch"
-# 2: gates on int8-quantized values (QuantizeLinear + MatMulInteger); 1 had float32 gates.
-FORMAT_VERSION = 2
+# 3: exact-pattern gates, one record acts per input, gate step and chain in the manifest, patch id =
+#    hash of the content; 2: int8 gates summed over records; 1: float32 gates.
+FORMAT_VERSION = 3
 MODES = ("prune", "collapse")
 FORMS = ("shift", "collapse", "affine")  # graph forms, see patchgraph
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_./:-]{1,128}$")
-_PATCH_ID = re.compile(r"^[0-9a-f]{16,64}$")
+_PATCH_ID = re.compile(r"^[0-9a-f]{32}$")
+_CREATED = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+REQUEST_KINDS = ("points", "class")
 
 
 def canonical_bytes(obj: Any) -> bytes:
     """Deterministic JSON encoding used for hashing and signing."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def derive_patch_id(signed: Mapping[str, Any]) -> str:
+    """A patch's id: sha256 of its signed content without the id itself (32 hex digits). Derived, never
+    chosen, so a second file cannot claim an existing patch's id (and be refused as its duplicate)."""
+    return hashlib.sha256(canonical_bytes({k: v for k, v in signed.items() if k != "patch_id"})).hexdigest()[:32]
 
 
 def _fail(where: str, expected: str, found: Any) -> PatchFormatError:
@@ -134,15 +144,16 @@ class Manifest:
     q_lower: float
     q_upper: float
     records: tuple[Record, ...]
+    gate_step_log2: int
     request: dict[str, Any] = field(default_factory=dict)
-    chain: dict[str, Any] = field(default_factory=lambda: {"position": 0, "replaces": []})
+    chain: dict[str, Any] = field(default_factory=lambda: {"position": 0, "after": [], "replaces": []})
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     @property
-    def prefix(self) -> str:
-        """Prefix of every name in the patch graph; unique per patch so graphs merge cleanly."""
-        return f"pe_{self.patch_id[:16]}_"
+    def max_gate_width(self) -> float:
+        """The widest gate (1/gamma, summed pre-activation violation at which it closes)."""
+        return max(1.0 / r.gamma for r in self.records)
 
     @property
     def gated_size(self) -> int:
@@ -166,6 +177,7 @@ class Manifest:
                 "gated": [{"name": g.name, "shape": list(g.shape)} for g in self.gated],
             },
             "n_classes": self.n_classes,
+            "gate": {"step_log2": self.gate_step_log2},
             "graph": {"sha256": self.graph_sha256, "bytes": self.graph_bytes},
             "specification": {"q_lower": self.q_lower, "q_upper": self.q_upper},
             "records": [r.to_json() for r in self.records],
@@ -191,7 +203,7 @@ class Manifest:
         _only_keys(
             doc,
             {"format", "format_version", "patch_id", "created", "mode", "form", "base", "inputs", "n_classes",
-             "graph", "specification", "records", "request", "chain"},
+             "gate", "graph", "specification", "records", "request", "chain"},
             w,
         )
         if _get(doc, "format", str, w) != FORMAT_NAME:
@@ -200,9 +212,11 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise _fail(f"{w}.format_version", f"{FORMAT_VERSION} (this runtime's format)", version)
         patch_id = _get(doc, "patch_id", str, w)
-        if not _PATCH_ID.match(patch_id):
-            raise _fail(f"{w}.patch_id", "16-64 lowercase hex digits", patch_id)
+        if not _PATCH_ID.fullmatch(patch_id):
+            raise _fail(f"{w}.patch_id", "32 lowercase hex digits", patch_id)
         created = _get(doc, "created", str, w)
+        if not _CREATED.fullmatch(created):
+            raise _fail(f"{w}.created", "a UTC time YYYY-MM-DDTHH:MM:SSZ", created)
         mode = _get(doc, "mode", str, w)
         if mode not in MODES:
             raise _fail(f"{w}.mode", f"one of {MODES}", mode)
@@ -212,7 +226,7 @@ class Manifest:
         base = _get(doc, "base", dict, w)
         _only_keys(base, {"sha256", "opset", "ir_version"}, f"{w}.base")
         base_sha = _get(base, "sha256", str, f"{w}.base")
-        if not _HEX64.match(base_sha):
+        if not _HEX64.fullmatch(base_sha):
             raise _fail(f"{w}.base.sha256", "64 lowercase hex digits", base_sha)
         inputs = _get(doc, "inputs", dict, w)
         _only_keys(inputs, {"logits", "gated"}, f"{w}.inputs")
@@ -231,17 +245,22 @@ class Manifest:
             gated.append(GatedTensor(name, tuple(shape)))
         names = [logits_name] + [g.name for g in gated]
         for name in names:
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise _fail(f"{w}.inputs", "tensor names of [A-Za-z0-9_./:-]", name)
         if len(set(names)) != len(names):
             raise _fail(f"{w}.inputs", "distinct tensor names", names)
         n_classes = _get(doc, "n_classes", int, w)
         if not 2 <= n_classes <= 100_000:
             raise _fail(f"{w}.n_classes", "an int in [2, 100000]", n_classes)
+        gate = _get(doc, "gate", dict, w)
+        _only_keys(gate, {"step_log2"}, f"{w}.gate")
+        step_log2 = _get(gate, "step_log2", int, f"{w}.gate")
+        if not -24 <= step_log2 <= 8:
+            raise _fail(f"{w}.gate.step_log2", "an int in [-24, 8]", step_log2)
         graph = _get(doc, "graph", dict, w)
         _only_keys(graph, {"sha256", "bytes"}, f"{w}.graph")
         graph_sha = _get(graph, "sha256", str, f"{w}.graph")
-        if not _HEX64.match(graph_sha):
+        if not _HEX64.fullmatch(graph_sha):
             raise _fail(f"{w}.graph.sha256", "64 lowercase hex digits", graph_sha)
         spec = _get(doc, "specification", dict, w)
         _only_keys(spec, {"q_lower", "q_upper"}, f"{w}.specification")
@@ -252,13 +271,18 @@ class Manifest:
         if not record_docs:
             raise _fail(f"{w}.records", "at least one record", record_docs)
         records = [_record(r, n_classes, mode, f"{w}.records[{i}]") for i, r in enumerate(record_docs)]
-        request = _get(doc, "request", dict, w)
+        request = _request(_get(doc, "request", dict, w), f"{w}.request")
         chain = _get(doc, "chain", dict, w)
-        _only_keys(chain, {"position", "replaces"}, f"{w}.chain")
+        _only_keys(chain, {"position", "after", "replaces"}, f"{w}.chain")
         position = _get(chain, "position", int, f"{w}.chain")
+        after = _get(chain, "after", list, f"{w}.chain")
         replaces = _get(chain, "replaces", list, f"{w}.chain")
-        if position < 0 or not all(isinstance(r, str) and _PATCH_ID.match(r) for r in replaces):
-            raise _fail(f"{w}.chain", "position >= 0 and a list of patch ids", chain)
+        ids_ok = all(isinstance(r, str) and _PATCH_ID.fullmatch(r) for r in after + replaces)
+        if position < 0 or not ids_ok or len(after) > 100_000 or len(replaces) > 100_000:
+            raise _fail(f"{w}.chain", "position >= 0 and lists of patch ids", chain)
+        derived = derive_patch_id(doc)
+        if patch_id != derived:
+            raise _fail(f"{w}.patch_id", f"{derived} (sha256 of the manifest's content)", patch_id)
         return cls(
             patch_id=patch_id,
             created=created,
@@ -275,9 +299,30 @@ class Manifest:
             q_lower=q_lower,
             q_upper=q_upper,
             records=tuple(records),
+            gate_step_log2=step_log2,
             request=request,
-            chain={"position": position, "replaces": list(replaces)},
+            chain={"position": position, "after": list(after), "replaces": list(replaces)},
         )
+
+
+def _request(doc: dict, w: str) -> dict[str, Any]:
+    """The request summary: its kind, a point count and salted id commitments, nothing free-form
+    (a patch's text reaches terminals and logs, so it carries no strings of the author's choosing)."""
+    _only_keys(doc, {"kind", "n_points", "id_commitments", "classes"}, w)
+    kind = _get(doc, "kind", str, w)
+    if kind not in REQUEST_KINDS:
+        raise _fail(f"{w}.kind", f"one of {REQUEST_KINDS}", kind)
+    n_points = _get(doc, "n_points", int, w)
+    commitments = _get(doc, "id_commitments", list, w)
+    if n_points < 0 or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in commitments):
+        raise _fail(w, "n_points >= 0 and id_commitments of 64 hex digits", doc)
+    out: dict[str, Any] = {"kind": kind, "n_points": n_points, "id_commitments": list(commitments)}
+    if "classes" in doc:
+        classes = _get(doc, "classes", list, w)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
+            raise _fail(f"{w}.classes", "a list of class indices", classes)
+        out["classes"] = list(classes)
+    return out
 
 
 def _record(doc: Any, n_classes: int, mode: str, w: str) -> Record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -9,8 +10,10 @@ import onnxruntime as ort
 
 from .base import BaseGraph
 from .compose import compose
+from .errors import ProbeError
 from .fileio import PathLike
-from .verify import VerifiedPatch, verify_patch
+from .policy import DEFAULT_POLICY, DevicePolicy
+from .verify import VerifiedPatch, check_patch_set, verify_patch
 
 
 def make_session(
@@ -31,8 +34,22 @@ def make_session(
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """Which record acts on each input: its patch position and record index (-1 where none), gate."""
+
+    patch: np.ndarray  # (N,) int64, -1 where every gate is 0
+    record: np.ndarray  # (N,) int64
+    gate: np.ndarray  # (N,) float32 in [0, 1]
+
+    @property
+    def covered(self) -> np.ndarray:
+        return self.gate > 0
+
+
 class PatchedModel:
-    """Verify every patch against the exact base, compose them, and serve logits and labels.
+    """Verify every patch against the exact base (its card and the device policy), check them as a
+    set, compose them, and serve logits and labels.
 
     A patch that fails any check raises a :class:`~prune_edge.runtime.errors.PatchVerificationError`
     from the constructor: nothing is ever composed from a refused patch.
@@ -41,14 +58,24 @@ class PatchedModel:
     def __init__(
         self,
         base_onnx_path: PathLike,
-        patch_paths: Sequence[PathLike] = (),
+        patch_paths: Sequence[PathLike | VerifiedPatch] = (),
         *,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        policy: DevicePolicy = DEFAULT_POLICY,
+        card_path: PathLike | None = None,
+        base: BaseGraph | None = None,
     ):
-        self.base = BaseGraph.load(base_onnx_path)
-        self.patches: list[VerifiedPatch] = [verify_patch(p, self.base) for p in patch_paths]
-        self.model = compose(self.base.model, self.patches)
+        self.base = base if base is not None else BaseGraph.load(base_onnx_path, card_path)
+        self.policy = policy
+        # a VerifiedPatch (from verify_patch on this base) is not checked twice
+        self.patches: list[VerifiedPatch] = [
+            p if isinstance(p, VerifiedPatch) else verify_patch(p, self.base, policy) for p in patch_paths
+        ]
+        check_patch_set(self.patches, policy)
+        composition = compose(self.base.model, self.patches)
+        self.model = composition.model
+        self._records = composition.records
         self._threads, self._providers = threads, providers
         self.session = make_session(self.model.SerializeToString(), threads, providers)
         self._gate_session: ort.InferenceSession | None = None
@@ -57,7 +84,7 @@ class PatchedModel:
     @property
     def n_records(self) -> int:
         """Number of gated records (regions) over all patches."""
-        return sum(len(p.manifest.records) for p in self.patches)
+        return len(self._records)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Patched logits for a float32 batch of shape (N, *input_shape)."""
@@ -77,17 +104,35 @@ class PatchedModel:
             self._base_session = make_session(self.base.data, self._threads, self._providers)
         return self._base_session.run(None, {self.base.input_name: x})[0]
 
-    def gates(self, x: np.ndarray) -> list[np.ndarray]:
-        """Per patch, the (N, records) gate values: 1 inside a record's region, 0 where it is closed."""
-        return self.logits_and_gates(x)[1]
-
-    def logits_and_gates(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Patched logits and every patch's gates from one run (the gates are extra graph outputs)."""
+    def logits_and_coverage(self, x: np.ndarray) -> tuple[np.ndarray, Coverage]:
+        """Patched logits and, per input, the record that acts on it and its gate (one run)."""
         x = self.base.check_input(x)
+        n = len(x)
         if not self.patches:
-            return self.logits(x), []
+            none = np.full(n, -1, np.int64)
+            return self.logits(x), Coverage(none, none.copy(), np.zeros(n, np.float32))
         if self._gate_session is None:
-            model = compose(self.base.model, self.patches, expose_gates=True)
+            model = compose(self.base.model, self.patches, expose_gates=True).model
             self._gate_session = make_session(model.SerializeToString(), self._threads, self._providers)
-        logits, *gates = self._gate_session.run(None, {self.base.input_name: x})
-        return logits, gates
+        logits, gate, k = self._gate_session.run(None, {self.base.input_name: x})
+        gate = gate.reshape(-1)
+        table = np.array(self._records, dtype=np.int64).reshape(-1, 2)
+        patch, record = table[k, 0], table[k, 1]
+        closed = gate <= 0
+        patch[closed], record[closed] = -1, -1
+        return logits, Coverage(patch, record, gate)
+
+    def coverage(self, x: np.ndarray) -> Coverage:
+        return self.logits_and_coverage(x)[1]
+
+    def probe(self, x: np.ndarray, max_open: float) -> float:
+        """Fraction of the device's own inputs ``x`` on which any gate is open; raise
+        :class:`ProbeError` above ``max_open`` (honest point patches open on almost none)."""
+        covered = self.coverage(x).covered
+        fraction = float(covered.mean()) if len(covered) else 0.0
+        if not fraction <= max_open:
+            raise ProbeError(
+                f"gates open on {int(covered.sum())} of {len(covered)} probe inputs ({fraction:.1%}), "
+                f"the device allows at most {max_open:.1%}"
+            )
+        return fraction

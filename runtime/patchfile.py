@@ -85,6 +85,9 @@ def unpack(data: bytes, source: str = "patch") -> PatchFile:
         envelope = json.loads(manifest_raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise PatchFormatError(f"{source}: {MANIFEST_NAME} expected valid JSON, found {exc}") from None
+    except RecursionError:
+        # json's scanner recurses per nesting level; the format nests 5 deep
+        raise PatchFormatError(f"{source}: {MANIFEST_NAME} expected JSON nested a few levels, found nesting too deep to read") from None
     if not isinstance(envelope, dict) or set(envelope) != {"signed", "signatures"}:
         found = sorted(envelope) if isinstance(envelope, dict) else type(envelope).__name__
         raise PatchFormatError(f"{source}: {MANIFEST_NAME} expected keys ['signatures', 'signed'], found {found}")

@@ -1,39 +1,45 @@
 """The one canonical patch graph, and the certificate algebra behind its parameters.
 
-A patch file holding P records computes, from base tensors only::
+Records gate on the base's own hidden pre-activations ``z`` (the inputs of its Relu nodes). Each
+value is read as an odd integer whose sign is the neuron's activation, exactly as the base's ReLU
+sees it (``z >= 0`` is active)::
 
-    q      = clip(round(z / delta), -128, 127)   z = concat(flatten(z_l)), delta = 2^e   (N, M) int
-    excess = delta * (|q|_1 - q @ S^T)          = 2 delta sum_i relu(-s_i q_i) >= 0      (N, P)
-    gate   = clip(1 - gamma/2 * excess, 0, 1)                                              (N, P)
-    out    = f + sum_k gate_k (T_k f + t_k)                                                (N, C)
+    w      = clip(round((z - delta/2) / delta), -128, 127)     QuantizeLinear       (N, M) int
+    v      = sat_int8(2 w + 1)                                   odd (or -128), never 0, sign(v) = [z >= 0]
+    excess = |v|_1 - v @ S^T  = 2 sum_i relu(-s_i v_i)          MatMulInteger        (N, P) even int >= 0
+    pre    = 1 - gamma_k delta/4 * excess                        1 exactly iff x is in record k's region
+    k*     = argmax_k pre,  g = clip(pre[k*], 0, 1)              the most-open gate, first on ties
+    out    = f + g * (T_k* f + t_k*)                             at most one record acts on an input
 
-The correction has three forms, named in the manifest, so the common cases cost one small product:
-``shift`` (every T_k = 0: PRUNE with alpha = 1)        out = f + gate @ t   (one Gemm)
-``collapse`` (every T_k = -I: alpha = 0)               out = gate @ t + (1 - rowsum(gate)) * f
-``affine`` (anything else)                             out = f + [gate (x) f, gate] @ [T_1^T..T_P^T; t]
+Why this shape (the certificate issue):
+- exact regions: ``excess_k = 0`` exactly when every gated neuron has the activation of record k's
+  pattern, i.e. on the record's linear region; any other input has ``excess_k >= 2`` (each
+  disagreeing neuron adds ``2|v_i| >= 2``). There is no dead zone around zero to certify (the only
+  slack is float32's ``z - delta/2`` for ``-delta 2^-25 < z < 0``, below 1e-9 on the default MLP).
+  So the sets where two different patterns' gates are 1 are disjoint *by construction*;
+- one record acts: the correction comes from the most-open gate only, so where record k's gate is 1
+  nothing else adds to it, whatever other records' gates are doing nearby. With disjoint gate-1 sets,
+  each record's certificate (its target wins on its region) holds inside a patch and across every
+  patch a device runs, checked by an integer comparison of patterns (:mod:`.interference`), not an LP;
+- speed: one uint8 x int8 product for all gates, exact int32; the per-value work (two quantizations,
+  |v|_1) is O(N M), independent of the number of records; selecting one record costs one ArgMax and
+  a Gather instead of a (N, P) x (P, C) product.
+Where every gate is 0 the correction is ``0 * (finite)``: the output equals the base logits (bit for bit,
+except that a logit of exactly -0.0 may come out as +0.0; device policy caps |T| and |t|, so the
+correction is always finite).
 
-Why the gate is computed on 8-bit integers (QuantizeLinear, then one MatMulInteger against the int8
-signs with int32 accumulation):
-- exactness: ``|q|_1 - q.s`` is an exact integer, and it is 0 wherever every coordinate agrees in sign
-  with the record's pattern (or rounds to 0). So on the record's linear region the excess is exactly 0
-  and the gate exactly 1, for any gamma and whatever rounding the base's own float32 ops had: no
-  rounding dead zone to reason about. Rounding only widens the gate=1 set by |z_i| < delta/2, and
-  saturation at +-128 delta keeps every sign;
-- speed: one uint8 x int8 product replaces a float32 one (measured 2-3x less time for the gate product
-  on CPU), which is what keeps 1000 point patches cheap next to the base;
-- summed violation ``sum_i relu(-s_i q_i) = (|q|_1 - q.s)/2``, so all P gates cost one product and all
-  corrections one more (method note, section 2), never a broadcast over patches x neurons.
-The server builds this graph with :func:`build_patch_graph`; the device rebuilds it from the received
-parameters and the manifest and demands equality, so a patch file can only ever be this structure.
-The graph is already minimal: onnxsim could only fold constant scalings, which onnxruntime folds when
-the session loads. Where every gate is 0 the correction is an exact 0, so the output equals the base
-logits bit for bit.
+The correction has three forms, chosen per graph: ``shift`` (every T_k = 0), ``collapse`` (every
+T_k = -I: ``out = f + g (t - f)``) and ``affine`` (a Gather of T_k and one batched product).
+The server builds the canonical graph with :func:`build_patch_graph`; the device rebuilds it from
+the received parameters and demands equality, so a patch file can only ever be this structure, and
+composes every verified patch into one such graph (:func:`gated_correction`), grouped by gated tensors.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -44,11 +50,13 @@ from .manifest import GatedTensor
 
 PRODUCER = "prune-edge"
 FORMS = ("shift", "collapse", "affine")
-OUTPUT_SUFFIX = "logits"
+PREFIX = "pe_"  # fixed: a patch's identity is its content hash, so names need not carry it
+OUTPUT_NAME = PREFIX + "logits"
 QUANT_ZERO_POINT = 128  # uint8 codes 0..255 stand for -128..127
 SCALE_LOG2_RANGE = (-24, 8)  # delta from 2^-24 to 256: float32-exact scalings either way
 DEFAULT_SCALE_LOG2 = -8
 BATCH_DIM = "N"
+MIN_OPSET = 13  # ReduceSum, Squeeze and Unsqueeze axes and Clip bounds as inputs
 
 
 # ----------------------------------------------------------------------------- certificate algebra
@@ -147,97 +155,196 @@ class PatchParams:
     def n_classes(self) -> int:
         return int(self.t.shape[1])
 
+    @property
+    def gate_width(self) -> np.ndarray:
+        """(P,) 1/gamma: the summed sign violation, in pre-activation units, at which a gate closes."""
+        return 1.0 / self.gamma.astype(np.float64)
+
 
 def quantize(z: np.ndarray, scale_log2: int) -> np.ndarray:
-    """The integers the gate sees, exactly as QuantizeLinear (uint8, zero point 128) gives them:
-    round half to even of z / 2^e, saturated to [-128, 127] (z / 2^e is exact in float32)."""
-    scaled = np.asarray(z, np.float32) * np.float32(2.0 ** -scale_log2)
-    return np.clip(np.rint(scaled), -128, 127).astype(np.int32)
+    """The odd integers v the gate sees, exactly as the graph's two QuantizeLinear nodes give them:
+    ``w = clip(round_half_even((z - delta/2) / delta), -128, 127)``, ``v = clip(2 w + 1, -128, 127)``.
+    ``sign(v) = [z >= 0]``: the ReLU's own activation; |v| grows with |z| in steps of delta/2."""
+    z = np.asarray(z, np.float32)
+    shifted = z - np.float32(2.0 ** (scale_log2 - 1))  # float32, as the graph's Sub
+    w = np.clip(np.rint(shifted * np.float32(2.0**-scale_log2)), -128, 127)
+    return np.clip(2 * w + 1, -128, 127).astype(np.int32)
+
+
+def sign_pattern(z: np.ndarray) -> np.ndarray:
+    """int8 +-1 activation pattern as the gate reads it: +1 where ``z >= 0`` (ReLU passes z), else -1.
+    The one definition shared by the server's regions, its training view and the device's gate."""
+    return np.where(np.asarray(z) >= 0, 1, -1).astype(np.int8)
+
+
+def excess_of(v: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """(N, P) int64 ``|v|_1 - v.s`` (= 2 sum_i relu(-s_i v_i)) of quantized values against sign rows:
+    the integer each gate sees; 0 exactly where the pattern is the record's."""
+    v = np.asarray(v, np.int64)
+    return np.abs(v).sum(axis=1, keepdims=True) - v @ np.asarray(signs, np.int64).T
 
 
 def choose_scale_log2(z: np.ndarray, quantile: float = 0.5) -> int:
-    """delta = the power of two that puts the ``quantile`` of |z| at the int8 limit (127 steps).
+    """delta = the power of two that puts the ``quantile`` of |z| at the int8 limit (64 steps of 2w+1).
 
-    Resolution is what matters: a point differing from a pattern only in values below delta/2 is seen
-    as inside, so a fine step keeps gates closed on more retained points. Saturation costs nothing
-    for that, as signs survive it; it only caps each value's share of a violation at 128 steps, so
-    violations weigh mostly how many values disagree. Measured on the default MLP (1000 forget points,
-    gates on layer 2 only): retained points sharing a gate's integer pattern 63 at the 0.99 quantile,
-    40 at the median, 39 at any finer step (the exact-pattern duplicates no gate can separate)."""
+    Resolution is what matters for a gate's soft edge: how finely a violation is measured. Signs
+    survive saturation, so a saturated value only caps its share of a violation. Which inputs a
+    record *certifies* does not depend on the step at all (the gate is 1 exactly on the region)."""
     if z.size == 0:
         return DEFAULT_SCALE_LOG2
     top = float(np.quantile(np.abs(z), quantile))
     if not np.isfinite(top) or top <= 0:
         return DEFAULT_SCALE_LOG2
-    e = int(np.floor(np.log2(top / 127.0)))
+    e = int(np.floor(np.log2(top / 64.0)))
     return int(np.clip(e, *SCALE_LOG2_RANGE))
 
 
 def form_of(params: PatchParams) -> str:
     """The cheapest graph form that represents these parameters exactly."""
-    if not params.T.any():
+    return form_of_tables(params.T)
+
+
+def form_of_tables(T: np.ndarray) -> str:
+    if not T.any():
         return "shift"
-    eye = np.broadcast_to(-np.eye(params.n_classes, dtype=np.float32), params.T.shape)
-    return "collapse" if np.array_equal(params.T, eye) else "affine"
+    eye = np.broadcast_to(-np.eye(T.shape[-1], dtype=T.dtype), T.shape)
+    return "collapse" if np.array_equal(T, eye) else "affine"
 
 
-def _names(prefix: str) -> dict[str, str]:
-    keys = ["signs", "neg_w", "affine", "one", "zero", "unit", "delta", "zp", "axis1", "axis2", "flat_shape",
-            "q", "qs", "qf", "qabs", "l1", "qsf", "excess", "wv", "pre", "gate", "gate3", "f3", "gf3", "gf",
-            "feat", "mass", "ones_p", "minus_one", "kept_logits", OUTPUT_SUFFIX]
-    return {k: prefix + k for k in keys}
+# ----------------------------------------------------------------------------- graph
+@dataclass(frozen=True)
+class GateGroup:
+    """Records that gate on the same base tensors with the same step: one integer product for all."""
+
+    gated: tuple[GatedTensor, ...]
+    signs: np.ndarray  # int8 (P_g, M_g)
+    gamma: np.ndarray  # float32 (P_g,)
+    scale_log2: int
+
+    @property
+    def size(self) -> int:
+        return sum(g.size for g in self.gated)
 
 
-def output_name(prefix: str) -> str:
-    """Name of the patched-logits output of a patch graph with this prefix."""
-    return prefix + OUTPUT_SUFFIX
+def _init(name: str, array: np.ndarray) -> TensorProto:
+    array = np.asarray(array)
+    return numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array, name)
 
 
-def gate_name(prefix: str) -> str:
-    """Name of the (N, P) gate tensor, tapped by ``verify-sample`` to say which record covers a sample."""
-    return prefix + "gate"
+def neg_weight(gamma: np.ndarray, delta: float) -> np.ndarray:
+    """-(gamma delta / 4) as float32: pre = 1 + neg_w * excess. A power-of-two rescaling of gamma,
+    so gamma is recovered exactly from a received graph."""
+    return (np.asarray(gamma, np.float32) * np.float32(-0.25) * np.float32(delta)).astype(np.float32)
 
 
-def _affine_matrix(params: PatchParams, form: str) -> np.ndarray:
-    if form in ("shift", "collapse"):
-        return params.t
-    p, c = params.n_records, params.n_classes
-    # rows k*C + j hold T_k[:, j] (so (gate (x) f) @ W = sum_k g_k T_k f); then the t_k rows.
-    return np.concatenate([params.T.transpose(0, 2, 1).reshape(p * c, c), params.t], axis=0)
+def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """Nodes computing ``pre`` (N, P) for every record of every group, in group order.
+
+    Per group: flatten and concatenate its tensors (N, M_g), shift by delta/2, quantize to w, map to
+    the odd v = 2w + 1 (second QuantizeLinear, saturating, sign kept), then one MatMulInteger against
+    the int8 signs and |v|_1; ``pre = 1 + neg_w (|v|_1 - v.s)`` is exactly 1 on the record's region."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = [
+        _init(prefix + "zp", np.array(QUANT_ZERO_POINT, np.uint8)),
+        _init(prefix + "one", np.array([1.0], np.float32)),
+        _init(prefix + "two", np.array(2.0, np.float32)),
+        _init(prefix + "unit", np.array(1.0, np.float32)),
+        _init(prefix + "axis1", np.array([1], np.int64)),
+    ]
+    zp = prefix + "zp"
+    pres = []
+    for gi, group in enumerate(groups):
+        p = f"{prefix}g{gi}_"
+        delta = float(2.0**group.scale_log2)
+        flat = []
+        for i, g in enumerate(group.gated):
+            if len(g.shape) == 1:
+                flat.append(g.name)  # already (N, M_i)
+                continue
+            nodes.append(helper.make_node("Flatten", [g.name], [f"{p}flat{i}"], axis=1, name=f"{p}flat{i}"))
+            flat.append(f"{p}flat{i}")
+        z = flat[0]
+        if len(flat) > 1:
+            z = p + "z"
+            nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
+        nodes += [
+            helper.make_node("Sub", [z, p + "half"], [p + "zs"], name=p + "zs"),
+            helper.make_node("QuantizeLinear", [p + "zs", p + "delta", zp], [p + "w"], name=p + "w"),
+            helper.make_node("DequantizeLinear", [p + "w", prefix + "two", zp], [p + "w2"], name=p + "w2"),
+            helper.make_node("Add", [p + "w2", prefix + "one"], [p + "vf"], name=p + "vf"),
+            helper.make_node("QuantizeLinear", [p + "vf", prefix + "unit", zp], [p + "v"], name=p + "v"),
+            # v.s for all records at once: uint8 (zero point 128) x int8 signs, exact int32
+            helper.make_node("MatMulInteger", [p + "v", p + "signs", zp], [p + "vs"], name=p + "vs"),
+            # |v|_1: integers below 2^24, exact in float32 in any summation order
+            helper.make_node("DequantizeLinear", [p + "v", prefix + "unit", zp], [p + "vd"], name=p + "vd"),
+            helper.make_node("Abs", [p + "vd"], [p + "vabs"], name=p + "vabs"),
+            helper.make_node("ReduceSum", [p + "vabs", prefix + "axis1"], [p + "l1"], keepdims=1, name=p + "l1"),
+            helper.make_node("Cast", [p + "vs"], [p + "vsf"], to=TensorProto.FLOAT, name=p + "vsf"),
+            helper.make_node("Sub", [p + "l1", p + "vsf"], [p + "excess"], name=p + "excess"),
+            helper.make_node("Mul", [p + "excess", p + "neg_w"], [p + "wv"], name=p + "wv"),
+            helper.make_node("Add", [p + "wv", prefix + "one"], [p + "pre"], name=p + "pre"),
+        ]
+        inits += [
+            _init(p + "half", np.array(delta / 2, np.float32)),
+            _init(p + "delta", np.array(delta, np.float32)),
+            _init(p + "signs", np.ascontiguousarray(group.signs.T)),  # (M, P) int8, the MatMulInteger operand
+            _init(p + "neg_w", neg_weight(group.gamma, delta).reshape(1, -1)),
+        ]
+        pres.append(p + "pre")
+    pre = pres[0]
+    if len(pres) > 1:
+        pre = prefix + "pre"
+        nodes.append(helper.make_node("Concat", pres, [pre], axis=1, name=pre))
+    return nodes, inits, pre
 
 
-def _affine_shape(form: str, p: int, c: int) -> tuple[int, int]:
-    return (p, c) if form in ("shift", "collapse") else (p * (c + 1), c)
+def correction_nodes(
+    prefix: str, pre: str, logits_name: str, T: np.ndarray, t: np.ndarray, form: str, out_name: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes for ``out = f + g (T_k* f + t_k*)`` with k* the most-open gate (first on ties)."""
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
+    n = lambda key: prefix + key  # noqa: E731
+    nodes = [
+        helper.make_node("ArgMax", [pre], [n("k1")], axis=1, keepdims=1, select_last_index=0, name=n("k1")),
+        helper.make_node("GatherElements", [pre, n("k1")], [n("gpre")], axis=1, name=n("gpre")),
+        helper.make_node("Clip", [n("gpre"), n("zero"), n("one")], [n("gate_max")], name=n("gate_max")),
+        helper.make_node("Squeeze", [n("k1"), n("axis1")], [n("k")], name=n("k")),
+        helper.make_node("Gather", [n("t_table"), n("k")], [n("tk")], axis=0, name=n("tk")),
+    ]
+    inits = [_init(n("zero"), np.array([0.0], np.float32)), _init(n("t_table"), np.asarray(t, np.float32))]
+    if form == "shift":
+        delta_name = n("tk")
+    elif form == "collapse":
+        # f + g (t - f): with g = 0 this is f + 0, the base logits bit for bit
+        nodes.append(helper.make_node("Sub", [n("tk"), logits_name], [n("dk")], name=n("dk")))
+        delta_name = n("dk")
+    else:
+        nodes += [
+            helper.make_node("Gather", [n("T_table"), n("k")], [n("Tk")], axis=0, name=n("Tk")),
+            helper.make_node("Unsqueeze", [logits_name, n("axis2")], [n("f3")], name=n("f3")),
+            helper.make_node("MatMul", [n("Tk"), n("f3")], [n("Tf3")], name=n("Tf3")),
+            helper.make_node("Squeeze", [n("Tf3"), n("axis2")], [n("Tf")], name=n("Tf")),
+            helper.make_node("Add", [n("Tf"), n("tk")], [n("dk")], name=n("dk")),
+        ]
+        inits += [_init(n("T_table"), np.asarray(T, np.float32)), _init(n("axis2"), np.array([2], np.int64))]
+        delta_name = n("dk")
+    nodes += [
+        helper.make_node("Mul", [delta_name, n("gate_max")], [n("corr")], name=n("corr")),
+        helper.make_node("Add", [logits_name, n("corr")], [out_name], name=out_name),
+    ]
+    return nodes, inits
 
 
-MIN_OPSET = 13  # ReduceSum axes and Clip bounds as inputs
-
-
-def _initializers(prefix: str, params: PatchParams, form: str) -> list[TensorProto]:
-    n = _names(prefix)
-    arrays = {
-        "signs": np.ascontiguousarray(params.signs.T),  # (M, P) int8, the MatMulInteger operand as stored
-        # -(gamma/2) delta per record: a power-of-two rescaling of gamma/2, so gamma is recovered exactly
-        "neg_w": (-(params.gamma * np.float32(0.5)) * np.float32(params.delta)).astype(np.float32).reshape(1, -1),
-        "affine": _affine_matrix(params, form).astype(np.float32),
-        "one": np.array([1.0], np.float32),
-        "zero": np.array([0.0], np.float32),
-        "unit": np.array(1.0, np.float32),
-        "delta": np.array(params.delta, np.float32),
-        "zp": np.array(QUANT_ZERO_POINT, np.uint8),
-        "axis1": np.array([1], np.int64),
-    }
-    if form == "collapse":
-        arrays["ones_p"] = np.ones((params.n_records, 1), np.float32)
-        arrays["minus_one"] = np.array([-1.0], np.float32)
-    if form == "affine":
-        arrays["axis2"] = np.array([2], np.int64)
-        arrays["flat_shape"] = np.array([0, params.n_records * params.n_classes], np.int64)
-    return [numpy_helper.from_array(v, n[k]) for k, v in arrays.items()]
+def _check_sizes(groups: Sequence[GateGroup]) -> None:
+    for group in groups:
+        if group.signs.shape[1] != group.size:
+            raise ValueError(f"signs have {group.signs.shape[1]} columns, gated tensors hold {group.size} values")
+        if 128 * group.size >= 2**24:
+            raise ValueError(f"{group.size} gated values: |v|_1 could reach 2^24 and lose float32 exactness")
 
 
 def build_patch_graph(
-    prefix: str,
     gated: tuple[GatedTensor, ...] | list[GatedTensor],
     logits_name: str,
     params: PatchParams,
@@ -245,111 +352,49 @@ def build_patch_graph(
     ir_version: int,
     form: str,
 ) -> onnx.ModelProto:
-    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes).
-
-    The gate is ``clip(1 - gamma/2 * delta (|q|_1 - q.s), 0, 1)`` with q the int8 quantization of the
-    gated values (module docstring). The (N, P) work is one integer product and four elementwise
-    passes; everything per value (quantization, |q|_1) is O(N M), independent of P.
-    """
-    if form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
+    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes)."""
     if opset < MIN_OPSET:
         raise ValueError(f"patch graphs need opset >= {MIN_OPSET}, the base has {opset}")
-    n = _names(prefix)
+    group = GateGroup(tuple(gated), params.signs, params.gamma, params.scale_log2)
+    _check_sizes([group])
+    nodes, inits, pre = gate_nodes(PREFIX, [group])
+    more_nodes, more_inits = correction_nodes(PREFIX, pre, logits_name, params.T, params.t, form, OUTPUT_NAME)
     c = params.n_classes
-    sizes = [g.size for g in gated]
-    if params.signs.shape[1] != sum(sizes):
-        raise ValueError(f"signs have {params.signs.shape[1]} columns, gated tensors hold {sum(sizes)} values")
-    if 128 * sum(sizes) >= 2**24:
-        raise ValueError(f"{sum(sizes)} gated values: |q|_1 could reach 2^24 and lose float32 exactness")
-    nodes = []
-    flat = []
-    for i, g in enumerate(gated):
-        if len(g.shape) == 1:
-            flat.append(g.name)  # already (N, M_i): a Flatten would only copy
-            continue
-        name = f"{prefix}flat{i}"
-        nodes.append(helper.make_node("Flatten", [g.name], [name], axis=1, name=name))
-        flat.append(name)
-    quant = []
-    for i, name in enumerate(flat):
-        q_name = f"{prefix}q{i}"
-        nodes.append(helper.make_node("QuantizeLinear", [name, n["delta"], n["zp"]], [q_name], name=q_name))
-        quant.append(q_name)
-    q = quant[0]
-    if len(quant) > 1:
-        q = n["q"]
-        nodes.append(helper.make_node("Concat", quant, [q], axis=1, name=q))
-    nodes += [
-        # q.s for all records at once: uint8 (zero point 128) x int8 signs, exact int32
-        helper.make_node("MatMulInteger", [q, n["signs"], n["zp"]], [n["qs"]], name=n["qs"]),
-        # |q|_1: integers below 2^24, so exact in float32 in any summation order (Abs + ReduceSum
-        # measured faster than ReduceL1 in onnxruntime)
-        helper.make_node("DequantizeLinear", [q, n["unit"], n["zp"]], [n["qf"]], name=n["qf"]),
-        helper.make_node("Abs", [n["qf"]], [n["qabs"]], name=n["qabs"]),
-        helper.make_node("ReduceSum", [n["qabs"], n["axis1"]], [n["l1"]], keepdims=1, name=n["l1"]),
-        helper.make_node("Cast", [n["qs"]], [n["qsf"]], to=TensorProto.FLOAT, name=n["qsf"]),
-        # |q|_1 - q.s: an exact, even, non-negative integer; 0 on the record's region
-        helper.make_node("Sub", [n["l1"], n["qsf"]], [n["excess"]], name=n["excess"]),
-        helper.make_node("Mul", [n["excess"], n["neg_w"]], [n["wv"]], name=n["wv"]),
-        helper.make_node("Add", [n["wv"], n["one"]], [n["pre"]], name=n["pre"]),
-        helper.make_node("Clip", [n["pre"], n["zero"], n["one"]], [n["gate"]], name=n["gate"]),
-    ]
-    out_name = n[OUTPUT_SUFFIX]
-    if form == "shift":
-        nodes.append(helper.make_node("Gemm", [n["gate"], n["affine"], logits_name], [out_name], name=out_name))
-    elif form == "collapse":
-        nodes += [
-            # sum(gate) - 1, then -f (1 - sum(gate)); the last Gemm subtracts it (beta = -1). With every
-            # gate 0 these are -1, -f and 0 + f: the base logits bit for bit.
-            helper.make_node("Gemm", [n["gate"], n["ones_p"], n["minus_one"]], [n["mass"]], name=n["mass"]),
-            helper.make_node("Mul", [logits_name, n["mass"]], [n["kept_logits"]], name=n["kept_logits"]),
-            helper.make_node("Gemm", [n["gate"], n["affine"], n["kept_logits"]], [out_name], beta=-1.0, name=out_name),
-        ]
-    else:
-        nodes += [
-            helper.make_node("Unsqueeze", [n["gate"], n["axis2"]], [n["gate3"]], name=n["gate3"]),
-            helper.make_node("Unsqueeze", [logits_name, n["axis1"]], [n["f3"]], name=n["f3"]),
-            helper.make_node("Mul", [n["gate3"], n["f3"]], [n["gf3"]], name=n["gf3"]),
-            helper.make_node("Reshape", [n["gf3"], n["flat_shape"]], [n["gf"]], name=n["gf"]),
-            helper.make_node("Concat", [n["gf"], n["gate"]], [n["feat"]], axis=1, name=n["feat"]),
-            helper.make_node("Gemm", [n["feat"], n["affine"], logits_name], [out_name], name=out_name),
-        ]
     inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]
     inputs.append(helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [BATCH_DIM, c]))
-    outputs = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [BATCH_DIM, c])]
-    graph = helper.make_graph(nodes, prefix + "graph", inputs, outputs, _initializers(prefix, params, form))
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, c])]
+    graph = helper.make_graph(nodes + more_nodes, PREFIX + "graph", inputs, outputs, inits + more_inits)
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, ir_version=ir_version
     )
 
 
-def extract_params(
-    model: onnx.ModelProto, prefix: str, n_records: int, gated_size: int, n_classes: int, form: str
-) -> PatchParams:
+def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_classes: int, form: str) -> PatchParams:
     """Read the parameters of a received graph by their canonical names; shapes and dtypes must fit."""
-    n = _names(prefix)
+    g0 = PREFIX + "g0_"
     inits = {t.name: t for t in model.graph.initializer}
     expected = {
-        "signs": (TensorProto.INT8, (gated_size, n_records)),
-        "neg_w": (TensorProto.FLOAT, (1, n_records)),
-        "affine": (TensorProto.FLOAT, _affine_shape(form, n_records, n_classes)),
-        "delta": (TensorProto.FLOAT, ()),
+        g0 + "signs": (TensorProto.INT8, (gated_size, n_records)),
+        g0 + "neg_w": (TensorProto.FLOAT, (1, n_records)),
+        g0 + "delta": (TensorProto.FLOAT, ()),
+        PREFIX + "t_table": (TensorProto.FLOAT, (n_records, n_classes)),
     }
+    if form == "affine":
+        expected[PREFIX + "T_table"] = (TensorProto.FLOAT, (n_records, n_classes, n_classes))
     arrays = {}
     for key, (dtype, shape) in expected.items():
-        tensor = inits.get(n[key])
+        tensor = inits.get(key)
         if tensor is None:
-            raise StructureError(f"patch graph: expected initializer {n[key]!r}, found none")
+            raise StructureError(f"patch graph: expected initializer {key!r}, found none")
         if tensor.data_location == TensorProto.EXTERNAL:
-            raise StructureError(f"patch graph: initializer {n[key]!r} uses external data; expected inline")
+            raise StructureError(f"patch graph: initializer {key!r} uses external data; expected inline")
         if tensor.data_type != dtype or tuple(tensor.dims) != shape:
             raise StructureError(
-                f"patch graph: initializer {n[key]!r} expected dtype {TensorProto.DataType.Name(dtype)} "
+                f"patch graph: initializer {key!r} expected dtype {TensorProto.DataType.Name(dtype)} "
                 f"shape {shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
             )
         arrays[key] = numpy_helper.to_array(tensor)
-    delta = float(arrays["delta"])
+    delta = float(arrays[g0 + "delta"])
     mantissa, exponent = np.frexp(delta) if np.isfinite(delta) else (0.0, 0)
     scale_log2 = int(exponent) - 1
     if mantissa != 0.5 or not SCALE_LOG2_RANGE[0] <= scale_log2 <= SCALE_LOG2_RANGE[1]:
@@ -357,16 +402,16 @@ def extract_params(
             f"patch graph: quantization step expected a power of two 2^{SCALE_LOG2_RANGE[0]}..2^{SCALE_LOG2_RANGE[1]}, "
             f"found {delta!r}"
         )
-    gamma = arrays["neg_w"].reshape(-1) * np.float32(-2.0 / delta)
-    signs = arrays["signs"].T
+    gamma = arrays[g0 + "neg_w"].reshape(-1) * np.float32(-4.0 / delta)
+    signs = arrays[g0 + "signs"].T
     bad = ~np.isin(signs, (-1, 1))
     if bad.any():
         raise StructureError(f"patch graph: signs must be -1 or +1, found {int(bad.sum())} other values")
-    affine = arrays["affine"]
-    p, c = n_records, n_classes
+    c = n_classes
     if form == "affine":
-        T, t = affine[: p * c].reshape(p, c, c).transpose(0, 2, 1), affine[p * c :]
+        T = arrays[PREFIX + "T_table"]
+    elif form == "shift":
+        T = np.zeros((n_records, c, c), np.float32)
     else:
-        T = np.zeros((p, c, c), np.float32) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), (p, c, c))
-        t = affine
-    return PatchParams(signs=signs, gamma=gamma, T=T, t=t, scale_log2=scale_log2)
+        T = np.broadcast_to(-np.eye(c, dtype=np.float32), (n_records, c, c))
+    return PatchParams(signs=signs, gamma=gamma, T=T, t=arrays[PREFIX + "t_table"], scale_log2=scale_log2)

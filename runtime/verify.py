@@ -1,15 +1,28 @@
-"""Checks a device runs on a patch file before it is trusted, in a fixed order.
+"""Checks a device runs on patch files before it trusts them, in a fixed order.
 
-``format -> integrity -> binding -> structure -> certificate``. Each check only runs if the ones
-before it passed, and no ONNX byte is parsed before the graph's digest matched the manifest.
-:func:`verify_patch` raises the first failure (for use); :func:`certify_patch` returns a report with
-every check's verdict (for inspection and the ``certify`` command).
+Per file: ``format -> integrity -> binding -> structure -> locality -> certificate``. Each check only
+runs if the ones before it passed, and no ONNX byte is parsed before the graph's digest matched the
+manifest. Then, over every patch a device runs together: ``interference`` (no two records with
+different targets share a region) and the policy's totals. :func:`verify_patch` raises the first
+failure (for use); :func:`certify_patch` returns a report with every check's verdict.
+
+What the checks prove, whoever built the patch (the device needs no trust in the server for these):
+- the graph *is* the canonical gated-affine graph of its own parameters, gating only on the base's
+  Relu inputs (a suffix of them, as the base card lists) with the card's quantization step, so it
+  changes nothing where its gates are 0, acts through at most one record per input, and its gates
+  open no further than the policy's width past their regions;
+- every correction is finite and bounded (caps on |T| and |t|), the record counts are bounded;
+- each record's numbers carry its certificate: the closed form of PRUNE, and its stored bounds mapped
+  into the specification, checked on the stored float32 tensors with absolute tolerances.
+What stays the server's word: that the stored bounds are the region's (the LPs), and that the
+patterns are the forgotten points' (the salted commitments bind the request, not the data).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -18,17 +31,21 @@ from .base import BaseGraph
 from .errors import (
     CertificateError,
     IncompatibleBaseError,
+    InterferenceError,
+    LocalityError,
     PatchVerificationError,
     StructureError,
 )
 from .fileio import PathLike
+from .interference import RecordSet, check_interference
 from .manifest import Manifest
 from .patchfile import PatchFile, read_patch_file
 from .patchgraph import PatchParams, affine_from_scales_many, build_patch_graph, completed_specs, extract_params
+from .policy import DEFAULT_POLICY, DevicePolicy
 
-CHECKS = ("format", "integrity", "binding", "structure", "certificate")
-# float32 storage of T and t: algebra holds to ~1e-7 relative; this leaves room for large logits.
-_ALGEBRA_RTOL = 1e-5
+CHECKS = ("format", "integrity", "binding", "structure", "locality", "certificate")
+# float32 storage of T: entries of |T| <= 16 round by < 1e-6; P(I+T) = diag(alpha) P to this, absolutely.
+_T_ATOL = 1e-5
 _CERT_BLOCK_VALUES = 1 << 20  # records per certificate block: about this many values in each (block, C, C)
 
 
@@ -40,6 +57,10 @@ class VerifiedPatch:
     manifest: Manifest
     model: onnx.ModelProto
     params: PatchParams
+
+    def record_set(self) -> RecordSet:
+        targets = np.array([r.target for r in self.manifest.records], dtype=np.int64)
+        return RecordSet(self.source, self.manifest.gated, self.params.signs, targets)
 
 
 @dataclass
@@ -56,6 +77,7 @@ class PatchReport:
     source: str
     checks: list[CheckResult] = field(default_factory=list)
     manifest: Manifest | None = None
+    verified: VerifiedPatch | None = None
 
     @property
     def passed(self) -> bool:
@@ -104,14 +126,53 @@ def check_structure(patch: PatchFile, source: str) -> tuple[onnx.ModelProto, Pat
         model = onnx.load_from_string(patch.graph_bytes)
     except Exception as exc:
         raise StructureError(f"{source}: patch graph expected ONNX, found undecodable bytes ({exc})") from None
-    params = extract_params(model, m.prefix, len(m.records), m.gated_size, m.n_classes, m.form)
+    params = extract_params(model, len(m.records), m.gated_size, m.n_classes, m.form)
+    if params.scale_log2 != m.gate_step_log2:
+        raise StructureError(
+            f"{source}: patch graph gates with step 2^{params.scale_log2}, its manifest says 2^{m.gate_step_log2}"
+        )
     try:
-        canonical = build_patch_graph(m.prefix, m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+        canonical = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
     except ValueError as exc:
         raise StructureError(f"{source}: no canonical patch graph exists for this manifest: {exc}") from None
     if model != canonical:
         raise StructureError(f"{source}: patch graph is not the canonical gated-affine graph: {_first_difference(canonical, model)}")
     return model, params
+
+
+def check_locality(manifest: Manifest, params: PatchParams, base: BaseGraph, policy: DevicePolicy, source: str) -> None:
+    """Everything that decides where a gate opens is the base card's or within the device policy."""
+    card = base.card
+    m = manifest
+    if m.gate_step_log2 != card.gate_step_log2:
+        kind = "coarser" if m.gate_step_log2 > card.gate_step_log2 else "finer"
+        raise LocalityError(
+            f"{source}: gate step expected 2^{card.gate_step_log2} (base card), found 2^{m.gate_step_log2} ({kind})"
+        )
+    relus = card.relu_inputs
+    if len(m.gated) > len(relus) or tuple(m.gated) != relus[len(relus) - len(m.gated):]:
+        raise LocalityError(
+            f"{source}: gates on {[g.name for g in m.gated]}, expected a suffix of the base's Relu inputs "
+            f"{[g.name for g in relus]} (base card)"
+        )
+    if not len(m.records) <= policy.max_records_per_patch:
+        raise LocalityError(f"{source}: {len(m.records)} records, the device policy allows at most {policy.max_records_per_patch} per patch")
+    width = params.gate_width
+    ok = width <= policy.max_gate_width  # written as what must hold: NaN fails
+    if not ok.all():
+        k = int(np.argmin(ok))
+        raise LocalityError(
+            f"{source}: record {k} gate width 1/gamma = {width[k]:.4g}, the device policy allows at most "
+            f"{policy.max_gate_width:g}"
+        )
+    for name, arr, cap in (("T", params.T, policy.max_abs_T), ("t", params.t, policy.max_abs_t)):
+        held = (np.abs(arr) <= cap).reshape(len(arr), -1).all(axis=1)
+        if not held.all():
+            k = int(np.argmin(held))
+            raise LocalityError(
+                f"{source}: record {k} has |{name}| up to {float(np.nanmax(np.abs(arr[k]))):.4g} or a non-finite "
+                f"entry, the device policy allows at most {cap:g}"
+            )
 
 
 def _first_difference(expected: onnx.ModelProto, found: onnx.ModelProto) -> str:
@@ -131,22 +192,22 @@ def _first_difference(expected: onnx.ModelProto, found: onnx.ModelProto) -> str:
     return "model metadata (opset, IR version, producer, doc strings or metadata) differs"
 
 
-def check_certificate(manifest: Manifest, params: PatchParams, source: str) -> None:
-    """Every record's numbers carry its certificate: T and t follow from (alpha, beta) by PRUNE's
-    closed form, P(I+T) = diag(alpha) P and P t = beta hold for the stored tensors, and the stored
-    region bounds mapped through alpha, beta lie inside [q_lower, q_upper].
+def check_certificate(manifest: Manifest, params: PatchParams, policy: DevicePolicy, source: str) -> None:
+    """Every record's numbers carry its certificate, checked on the stored float32 tensors: T follows
+    from alpha by PRUNE's closed form, ``P(I+T) = diag(alpha) P``, ``P t`` matches beta within the
+    policy's absolute tolerance, and the stored region bounds mapped through alpha and the *stored*
+    ``P t`` lie inside [q_lower, q_upper] (no tolerance there: q_upper < 0 is the margin itself).
 
     Records are checked in blocks with array operations (a 1000-point patch is checked in
-    milliseconds, not a Python loop per record); the error names the first failing record and its
-    first failing check, as a record-by-record reading would.
+    milliseconds); the error names the first failing record and its first failing check.
     """
     c = manifest.n_classes
     block = max(1, _CERT_BLOCK_VALUES // (c * c))  # keeps the (block, C, C) arrays small
     for lo in range(0, len(manifest.records), block):
-        _check_certificate_block(manifest, params, lo, min(len(manifest.records), lo + block), source)
+        _check_certificate_block(manifest, params, policy, lo, min(len(manifest.records), lo + block), source)
 
 
-def _check_certificate_block(manifest: Manifest, params: PatchParams, lo: int, hi: int, source: str) -> None:
+def _check_certificate_block(manifest: Manifest, params: PatchParams, policy: DevicePolicy, lo: int, hi: int, source: str) -> None:
     c = manifest.n_classes
     recs = manifest.records[lo:hi]
     targets = np.array([r.target for r in recs], dtype=np.int64)
@@ -154,37 +215,36 @@ def _check_certificate_block(manifest: Manifest, params: PatchParams, lo: int, h
     beta = np.array([r.beta for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
     a_ext = np.column_stack([alpha, [r.mean_scale for r in recs]])
     b_ext = np.column_stack([beta, [r.mean_shift for r in recs]])
-    gamma = params.gamma[lo:hi].astype(np.float64)
+    gamma = params.gamma[lo:hi]
     T = params.T[lo:hi].astype(np.float64)
     t = params.t[lo:hi].astype(np.float64)
+    tol = policy.spec_tolerance
 
     # Each check is a (records,) mask of passes, in the order a record is read. Written as what must
     # hold (never as a violation test), so a NaN anywhere fails: NaN compares false.
     held: list[tuple[np.ndarray, str]] = []
-    held.append((np.isclose(gamma, [r.gamma for r in recs], rtol=1e-6, atol=0), "gamma"))
+    held.append((gamma == np.array([r.gamma for r in recs], dtype=np.float32), "gamma"))
     if manifest.mode == "collapse":
         held.append(((alpha == 0).all(axis=1) & (a_ext[:, -1] == 0), "collapse_alpha"))
     else:
         held.append(((alpha > 0).all(axis=1) & (alpha <= 1).all(axis=1) & (a_ext[:, -1] == 1), "prune_alpha"))
-    T_exp, t_exp = affine_from_scales_many(targets, a_ext, b_ext, c)
-    scale = 1.0 + np.abs(t_exp).max(axis=1)
-    held.append(
-        ((np.abs(T - T_exp).max(axis=(1, 2)) <= _ALGEBRA_RTOL) & (np.abs(t - t_exp).max(axis=1) <= _ALGEBRA_RTOL * scale),
-         "closed_form")
-    )
+    T_exp, _ = affine_from_scales_many(targets, a_ext, b_ext, c)
+    held.append((np.abs(T - T_exp).max(axis=(1, 2)) <= _T_ATOL, "closed_form"))
     pbar = completed_specs(targets, c)
-    lhs = pbar + pbar @ T  # P(I + T)
-    algebra = (np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) <= _ALGEBRA_RTOL) & (
-        np.abs(np.einsum("pij,pj->pi", pbar, t) - b_ext).max(axis=1) <= _ALGEBRA_RTOL * scale
+    lhs = pbar + pbar @ T  # Pbar(I + T)
+    pt = np.einsum("pij,pj->pi", pbar, t)  # Pbar t: the rows' shifts as the device applies them
+    algebra = (np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) <= _T_ATOL) & (
+        np.abs(pt - b_ext).max(axis=1) <= tol
     )
     held.append((algebra, "algebra"))
+    shift = pt[:, : c - 1]
     if manifest.mode == "prune":
         lower = np.array([r.lower for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
         upper = np.array([r.upper for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
         held.append(((lower <= upper).all(axis=1), "bounds_order"))
-        new_lo, new_hi = alpha * lower + beta, alpha * upper + beta
+        new_lo, new_hi = alpha * lower + shift, alpha * upper + shift
     else:
-        new_lo = new_hi = beta
+        new_lo = new_hi = shift
     held.append(((new_hi <= manifest.q_upper).all(axis=1) & (new_lo >= manifest.q_lower).all(axis=1), "spec"))
 
     table = ~np.vstack([mask for mask, _ in held])  # (checks, records): True where a check fails
@@ -198,17 +258,19 @@ def _check_certificate_block(manifest: Manifest, params: PatchParams, lo: int, h
         "gamma": f"expected gamma {rec.gamma:.6g} as in the manifest, found {float(params.gamma[k]):.6g}",
         "collapse_alpha": f"collapse expects alpha = 0 on every row, found {list(rec.alpha)}",
         "prune_alpha": f"prune expects 0 < alpha <= 1 and mean scale 1, found {list(rec.alpha)}",
-        "closed_form": "graph T, t differ from the closed form of its alpha, beta",
-        "algebra": "P(I+T) = diag(alpha) P or P t = beta does not hold",
+        "closed_form": f"graph T differs from the closed form of its alpha by more than {_T_ATOL:g}",
+        "algebra": f"P(I+T) = diag(alpha) P, or P t = beta within {tol:g}, does not hold",
         "bounds_order": f"bounds expected lower <= upper, found {rec.lower} / {rec.upper}",
         "spec": f"patched rows expected inside [{manifest.q_lower:g}, {manifest.q_upper:g}], "
-        f"found up to {float(new_hi[j].max()):.6g}",
+        f"found [{float(np.nanmin(new_lo[j])):.6g}, {float(np.nanmax(new_hi[j])):.6g}]",
     }
     raise CertificateError(f"{where}: {messages[check]}")
 
 
 # ----------------------------------------------------------------------------- the ordered pipeline
-def _run(path_or_patch: PathLike | PatchFile, base: BaseGraph, report: PatchReport | None) -> VerifiedPatch:
+def _run(
+    path_or_patch: PathLike | PatchFile, base: BaseGraph, policy: DevicePolicy, report: PatchReport | None
+) -> VerifiedPatch:
     source = Path(path_or_patch).name if not isinstance(path_or_patch, PatchFile) else "patch"
     results = report.checks if report is not None else []
 
@@ -226,7 +288,10 @@ def _run(path_or_patch: PathLike | PatchFile, base: BaseGraph, report: PatchRepo
         ran("binding", f"base sha256 {base.sha256[:16]}... matches; tensors {[g.name for g in m.gated]} present")
         model, params = check_structure(patch, source)
         ran("structure", f"canonical gated-affine graph over {m.gated_size} gated values, {params.n_records} gates")
-        check_certificate(m, params, source)
+        check_locality(m, params, base, policy, source)
+        ran("locality", f"Relu inputs {[g.name for g in m.gated]}, step 2^{m.gate_step_log2} (base card); "
+                        f"gate width <= {float(params.gate_width.max()):.3g} (policy {policy.max_gate_width:g})")
+        check_certificate(m, params, policy, source)
         ran("certificate", f"{len(m.records)} records: target wins with rows in [{m.q_lower:g}, {m.q_upper:g}] on each region")
     except PatchVerificationError as exc:
         if report is not None:
@@ -238,19 +303,39 @@ def _run(path_or_patch: PathLike | PatchFile, base: BaseGraph, report: PatchRepo
             done = {r.name for r in results}
             results.extend(CheckResult(n, "skipped", "an earlier check failed") for n in CHECKS if n not in done)
         raise
-    return VerifiedPatch(source=source, manifest=m, model=model, params=params)
+    verified = VerifiedPatch(source=source, manifest=m, model=model, params=params)
+    if report is not None:
+        report.verified = verified
+    return verified
 
 
-def verify_patch(path_or_patch: PathLike | PatchFile, base: BaseGraph) -> VerifiedPatch:
-    """Run every check; raise the first failure as a :class:`PatchVerificationError` subclass."""
-    return _run(path_or_patch, base, None)
+def verify_patch(path_or_patch: PathLike | PatchFile, base: BaseGraph, policy: DevicePolicy = DEFAULT_POLICY) -> VerifiedPatch:
+    """Run every per-file check; raise the first failure as a :class:`PatchVerificationError` subclass."""
+    return _run(path_or_patch, base, policy, None)
 
 
-def certify_patch(path: PathLike, base: BaseGraph) -> PatchReport:
-    """Run every check and return the verdicts without raising (for ``prune-edge certify``)."""
+def certify_patch(path: PathLike, base: BaseGraph, policy: DevicePolicy = DEFAULT_POLICY) -> PatchReport:
+    """Run every per-file check and return the verdicts without raising (for ``prune-edge certify``)."""
     report = PatchReport(source=str(path))
     try:
-        _run(path, base, report)
+        _run(path, base, policy, report)
     except PatchVerificationError:
         pass
     return report
+
+
+def check_patch_set(patches: Sequence[VerifiedPatch], policy: DevicePolicy = DEFAULT_POLICY) -> None:
+    """Checks over every patch a device runs together: each patch once, the policy's totals, and no
+    two records with different targets on one region (:mod:`.interference`)."""
+    seen: dict[str, str] = {}
+    for vp in patches:
+        pid = vp.manifest.patch_id
+        if pid in seen:
+            raise InterferenceError(f"{vp.source}: patch {pid} is also given as {seen[pid]}; expected each patch once")
+        seen[pid] = vp.source
+    if not len(patches) <= policy.max_patches:
+        raise LocalityError(f"{len(patches)} patches, the device policy allows at most {policy.max_patches}")
+    total = sum(len(vp.manifest.records) for vp in patches)
+    if not total <= policy.max_records_total:
+        raise LocalityError(f"{total} records over {len(patches)} patches, the device policy allows at most {policy.max_records_total}")
+    check_interference([vp.record_set() for vp in patches])

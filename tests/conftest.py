@@ -47,12 +47,31 @@ def forget_file(workdir, forget_ids) -> Path:
     return path
 
 
+PRUNE_BOUNDS = "exact"
+
+
 @pytest.fixture(scope="session")
 def patches(workdir, mlp_bundle, forget_ids) -> dict:
     """Real patches for the same 20 points in both modes, with their build reports."""
     out = {}
     for mode in ("prune", "collapse"):
         path = workdir / f"forget20-{mode}.pepatch"
-        report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode=mode, seed=0), path, device="cpu", progress=False)
+        config = SynthConfig(mode=mode, seed=0, bounds=PRUNE_BOUNDS)
+        report = build_point_patch(mlp_bundle, forget_ids, config, path, device="cpu", progress=False)
         out[mode] = (path, report)
     return out
+
+
+@pytest.fixture(scope="session")
+def second_ids(mlp_bundle) -> np.ndarray:
+    """Another 20 random training points (seed 1), the request that arrives after the first."""
+    return random_forget_ids(len(mlp_bundle.dataset.x_train), N_FORGET, seed=1)
+
+
+@pytest.fixture(scope="session")
+def chain(workdir, mlp_bundle, patches, second_ids) -> dict:
+    """A second 20-point patch built --after the first (prune, then collapse): what a device runs next."""
+    path = workdir / "second20-collapse.pepatch"
+    report = build_point_patch(mlp_bundle, second_ids, SynthConfig(mode="collapse", seed=1), path, device="cpu",
+                               progress=False, after=[patches["prune"][0]])
+    return {"first": patches["prune"][0], "second": path, "report": report}

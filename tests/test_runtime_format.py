@@ -7,32 +7,46 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import io
 import json
+import sys
 import zipfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from prune_edge.runtime import patchfile
-from prune_edge.runtime.errors import IntegrityError, PatchFormatError, PatchVerificationError
+from prune_edge.runtime.errors import IntegrityError, PatchFormatError, PatchVerificationError, StructureError
 from prune_edge.runtime.fileio import sha256_bytes
-from prune_edge.runtime.manifest import FORMAT_VERSION, GatedTensor, Manifest, Record, canonical_bytes
+from prune_edge.runtime.manifest import (
+    FORMAT_VERSION,
+    GatedTensor,
+    Manifest,
+    Record,
+    canonical_bytes,
+    derive_patch_id,
+)
 from prune_edge.runtime.patchfile import GRAPH_NAME, MANIFEST_NAME, pack, read_patch_file, unpack
 from prune_edge.runtime.patchgraph import (
     DEFAULT_SCALE_LOG2,
+    OUTPUT_NAME,
+    PREFIX,
+    SCALE_LOG2_RANGE,
     PatchParams,
-    choose_scale_log2,
-    quantize,
     affine_from_scales,
+    affine_from_scales_many,
     build_patch_graph,
+    choose_scale_log2,
     completed_spec,
+    excess_of,
     extract_params,
     form_of,
-    gate_name,
-    output_name,
+    quantize,
+    sign_pattern,
     spec_rows,
 )
 
@@ -44,18 +58,37 @@ LOGITS = "logits"
 OPSET, IR = 20, 10
 Q_LOWER, Q_UPPER = -1000.0, -1.0
 BASE_SHA = "ab" * 32
-PATCH_ID = "0123456789abcdef0123456789abcdef"
+STEP_LOG2 = -3  # delta = 1/8: |v| saturates at about 8, the scale of the test inputs
+DELTA = 2.0**STEP_LOG2
+GAMMAS = (1.5, 2.0, 1.25)  # float32-exact, one per record in turn
+COMMITMENTS = sorted(hashlib.sha256(b"salt" + str(i).encode()).hexdigest() for i in range(3))
+ID_RE = r"[0-9a-f]{32}"
+# extra outputs of a patch graph, tapped by these tests
+GATE, K, PRE, V, EXCESS = PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_pre", PREFIX + "g0_v", PREFIX + "g0_excess"
 
 
 # ----------------------------------------------------------------------------- hand-built patches
 def random_params(rng: np.random.Generator, p: int, c: int = C, m: int = M) -> PatchParams:
+    """P records with distinct random sign patterns and random (T, t)."""
+    while True:
+        signs = rng.choice(np.array([-1, 1], np.int8), size=(p, m))
+        if len(np.unique(signs, axis=0)) == p:
+            break
     return PatchParams(
-        signs=rng.choice(np.array([-1, 1], np.int8), size=(p, m)),
+        signs=signs,
         gamma=rng.uniform(0.3, 2.0, size=p),
         T=rng.normal(size=(p, c, c)),
         t=rng.normal(size=(p, c)) * 3,
-        scale_log2=-3,  # steps of 1/8: saturation at 16, about the scale of the test inputs
+        scale_log2=STEP_LOG2,
     )
+
+
+def with_form(params: PatchParams, form: str) -> PatchParams:
+    """The same gates with T of the given form (general, 0 or -I)."""
+    T = {"affine": params.T, "shift": np.zeros_like(params.T), "collapse": np.broadcast_to(-np.eye(params.n_classes), params.T.shape)}[form]
+    out = PatchParams(params.signs, params.gamma, T, params.t, params.scale_log2)
+    assert form_of(out) == form
+    return out
 
 
 def make_records(p: int, mode: str = "prune", alpha_value: float = 0.5) -> tuple[list[Record], np.ndarray, np.ndarray]:
@@ -77,7 +110,7 @@ def make_records(p: int, mode: str = "prune", alpha_value: float = 0.5) -> tuple
         ts.append(t)
         records.append(
             Record(
-                target=target, gamma=1.5, alpha=tuple(alpha.tolist()), beta=tuple(beta.tolist()),
+                target=target, gamma=GAMMAS[k % len(GAMMAS)], alpha=tuple(alpha.tolist()), beta=tuple(beta.tolist()),
                 mean_scale=mean_scale, mean_shift=mean_shift,
                 lower=None if lower is None else tuple(lower.tolist()),
                 upper=None if upper is None else tuple(upper.tolist()), points=1 + k,
@@ -86,22 +119,37 @@ def make_records(p: int, mode: str = "prune", alpha_value: float = 0.5) -> tuple
     return records, np.stack(Ts), np.stack(ts)
 
 
+def rederive(manifest: Manifest, **changes) -> Manifest:
+    """``manifest`` with ``changes`` and the patch id derived from the new content (as a server does)."""
+    m = dataclasses.replace(manifest, **changes)
+    return dataclasses.replace(m, patch_id=derive_patch_id(m.to_json()))
+
+
 def make_patch(
-    p: int = 2, mode: str = "prune", seed: int = 0, created: str = "2024-01-01T00:00:00Z", alpha_value: float = 0.5
+    p: int = 2,
+    mode: str = "prune",
+    seed: int = 0,
+    created: str = "2024-01-01T00:00:00Z",
+    alpha_value: float = 0.5,
+    chain: dict | None = None,
 ) -> tuple[Manifest, bytes]:
     """(manifest, graph bytes) of a small, fully consistent patch."""
     rng = np.random.default_rng(seed)
     records, T, t = make_records(p, mode, alpha_value)
-    params = PatchParams(signs=rng.choice(np.array([-1, 1], np.int8), size=(p, M)), gamma=np.full(p, 1.5), T=T, t=t)
-    form = form_of(params)
-    draft = Manifest(
-        patch_id=PATCH_ID, created=created, mode=mode, form=form, base_sha256=BASE_SHA, base_opset=OPSET,
-        base_ir_version=IR, logits_name=LOGITS, n_classes=C, gated=GATED, graph_sha256="0" * 64,
-        graph_bytes=0, q_lower=Q_LOWER, q_upper=Q_UPPER, records=tuple(records),
-        request={"kind": "points", "n_points": p},
+    params = PatchParams(
+        signs=rng.choice(np.array([-1, 1], np.int8), size=(p, M)), gamma=[r.gamma for r in records], T=T, t=t,
+        scale_log2=STEP_LOG2,
     )
-    graph = build_patch_graph(draft.prefix, GATED, LOGITS, params, OPSET, IR, form).SerializeToString()
-    return dataclasses.replace(draft, graph_sha256=sha256_bytes(graph), graph_bytes=len(graph)), graph
+    form = form_of(params)
+    graph = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString()
+    draft = Manifest(
+        patch_id="0" * 32, created=created, mode=mode, form=form, base_sha256=BASE_SHA, base_opset=OPSET,
+        base_ir_version=IR, logits_name=LOGITS, n_classes=C, gated=GATED, graph_sha256=sha256_bytes(graph),
+        graph_bytes=len(graph), q_lower=Q_LOWER, q_upper=Q_UPPER, records=tuple(records),
+        gate_step_log2=STEP_LOG2, request={"kind": "points", "n_points": p, "id_commitments": COMMITMENTS[:p]},
+        **({"chain": chain} if chain is not None else {}),
+    )
+    return rederive(draft), graph
 
 
 def zip_members(members: list[tuple[str, bytes]], compress_type: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -140,8 +188,63 @@ def test_manifest_round_trip(mode, alpha_value, form):
     assert reparsed == manifest
     assert reparsed.signed_bytes() == manifest.signed_bytes() == canonical_bytes(doc)
     assert json.loads(manifest.signed_bytes()) == doc
-    assert manifest.prefix == f"pe_{PATCH_ID[:16]}_"
+    # v3 fields: the gate step, the chain, the derived id, the widest gate.
+    assert doc["format_version"] == FORMAT_VERSION == 3
+    assert doc["gate"] == {"step_log2": STEP_LOG2} and again.gate_step_log2 == STEP_LOG2
+    assert doc["chain"] == {"position": 0, "after": [], "replaces": []}
+    assert doc["request"] == {"kind": "points", "n_points": 3, "id_commitments": COMMITMENTS}
+    assert manifest.patch_id == derive_patch_id(doc) == hashlib.sha256(
+        canonical_bytes({k: v for k, v in doc.items() if k != "patch_id"})
+    ).hexdigest()[:32]
+    assert manifest.max_gate_width == pytest.approx(1 / min(GAMMAS))
     assert manifest.gated_size == M
+    assert not hasattr(manifest, "prefix")
+
+
+def test_manifest_round_trip_with_chain_and_classes():
+    """Every optional v3 field survives the reader: chain ids, class requests."""
+    a, _ = make_patch(p=1, seed=1)
+    b, _ = make_patch(p=1, seed=2)
+    m, _ = make_patch(p=2, chain={"position": 2, "after": [a.patch_id, b.patch_id], "replaces": [a.patch_id]})
+    m = rederive(m, request={"kind": "class", "n_points": 40, "id_commitments": [], "classes": [0, 2]})
+    again = Manifest.from_json(json.loads(json.dumps(m.to_json())))
+    assert again == m
+    assert again.chain == {"position": 2, "after": [a.patch_id, b.patch_id], "replaces": [a.patch_id]}
+    assert again.request["classes"] == [0, 2]
+
+
+def test_patch_id_is_derived_from_the_content(tiny):
+    """The id is the hash of everything signed but itself: any edit changes it, and an edit that keeps
+    the old id is refused, naming patch_id and the id the content derives to."""
+    manifest = tiny[0]
+    rec = dataclasses.replace(manifest.records[0], points=99)
+    edits = {
+        "created": {"created": "2030-01-01T00:00:00Z"},
+        "gate": {"gate_step_log2": STEP_LOG2 - 1},
+        "chain": {"chain": {"position": 1, "after": [manifest.patch_id], "replaces": []}},
+        "request": {"request": {**manifest.request, "n_points": 4}},
+        "record": {"records": (rec, *manifest.records[1:])},
+        "graph": {"graph_sha256": "cd" * 32},
+        "q_upper": {"q_upper": -2.0},
+    }
+    ids = {manifest.patch_id}
+    for name, change in edits.items():
+        edited = dataclasses.replace(manifest, **change)
+        derived = derive_patch_id(edited.to_json())
+        assert derived != manifest.patch_id, name
+        ids.add(derived)
+        expected = rf"signed\.patch_id: expected {derived} \(sha256 of the manifest's content\), found '{manifest.patch_id}'"
+        with pytest.raises(PatchFormatError, match=expected):
+            Manifest.from_json(edited.to_json())
+        fixed = rederive(manifest, **change)
+        assert fixed.patch_id == derived and Manifest.from_json(fixed.to_json()) == fixed, name
+    assert len(ids) == len(edits) + 1
+    # The id itself is not hashed: any claimed id derives the same, and only the derived one passes.
+    doc = manifest.to_json()
+    doc["patch_id"] = "f" * 32
+    assert derive_patch_id(doc) == manifest.patch_id
+    with pytest.raises(PatchFormatError, match=r"signed\.patch_id"):
+        Manifest.from_json(doc)
 
 
 def _set(path: str, value):
@@ -171,8 +274,12 @@ def _delete(path: str):
     return mutate
 
 
+NOT_DERIVED = r"signed\.patch_id: expected [0-9a-f]{32} \(sha256 of the manifest's content\)"
+
+# (id, mutation, message). The patch id is re-derived after each mutation (as an author would), so
+# every refusal here is the field's own, except the cases listed in KEEP_ID.
 INVALID_MANIFESTS = [
-    ("format_version_1", _set("format_version", 1), r"signed\.format_version: expected 2"),
+    ("format_version_2", _set("format_version", 2), rf"signed\.format_version: expected {FORMAT_VERSION} \(this runtime's format\), found 2"),
     ("format_version_bool", _set("format_version", True), r"signed\.format_version: expected int, found True"),
     ("format_name", _set("format", "other-format"), r"signed\.format: expected 'prune-edge-patch'"),
     ("unknown_top_key", _set("extra", 1), r"signed: expected only keys .*found \['extra'\]"),
@@ -182,10 +289,35 @@ INVALID_MANIFESTS = [
     ("base_sha_short", _set("base.sha256", "ab" * 31), r"signed\.base\.sha256: expected 64 lowercase hex"),
     ("base_sha_nonhex", _set("base.sha256", "zz" * 32), r"signed\.base\.sha256"),
     ("graph_sha_bad", _set("graph.sha256", "0" * 63 + "g"), r"signed\.graph\.sha256: expected 64 lowercase hex"),
-    ("patch_id_bad", _set("patch_id", "XYZ"), r"signed\.patch_id: expected 16-64 lowercase hex"),
+    ("patch_id_bad", _set("patch_id", "XYZ"), r"signed\.patch_id: expected .*lowercase hex digits, found 'XYZ'"),
+    ("patch_id_16_digits", _set("patch_id", "0123456789abcdef"), r"signed\.patch_id: expected .*hex digits, found '0123456789abcdef'"),
+    ("patch_id_64_digits", _set("patch_id", "ab" * 32), r"signed\.patch_id: expected .*hex digits"),
+    ("patch_id_upper", _set("patch_id", "AB" * 16), r"signed\.patch_id: expected .*hex digits"),
+    ("patch_id_other", _set("patch_id", "ab" * 16), NOT_DERIVED + r", found 'abab"),
+    ("created_edited_keeping_id", _set("created", "2030-01-01T00:00:00Z"), NOT_DERIVED),
+    ("beta_edited_keeping_id", _set("records.0.beta.0", -7.0), NOT_DERIVED),
+    ("points_edited_keeping_id", _set("records.1.points", 50), NOT_DERIVED),
+    ("gate_edited_keeping_id", _set("gate.step_log2", STEP_LOG2 + 1), NOT_DERIVED),
+    ("chain_edited_keeping_id", _set("chain.position", 3), NOT_DERIVED),
+    ("request_edited_keeping_id", _set("request.n_points", 9), NOT_DERIVED),
+    ("created_missing", _delete("created"), r"signed\.created: expected a value"),
+    ("created_int", _set("created", 1700000000), r"signed\.created: expected str, found 1700000000"),
+    ("created_space", _set("created", "2024-01-01 00:00:00Z"), r"signed\.created: expected a UTC time YYYY-MM-DDTHH:MM:SSZ"),
+    ("created_offset", _set("created", "2024-01-01T00:00:00+00:00"), r"signed\.created: expected a UTC time"),
+    ("created_fraction", _set("created", "2024-01-01T00:00:00.5Z"), r"signed\.created: expected a UTC time"),
+    ("created_no_zone", _set("created", "2024-01-01T00:00:00"), r"signed\.created: expected a UTC time"),
+    ("created_free_text", _set("created", "yesterday \x1b[31m"), r"signed\.created: expected a UTC time"),
     ("mode_unknown", _set("mode", "retrain"), r"signed\.mode: expected one of"),
     ("form_unknown", _set("form", "general"), r"signed\.form: expected one of"),
     ("form_missing", _delete("form"), r"signed\.form: expected a value"),
+    ("gate_missing", _delete("gate"), r"signed\.gate: expected a value, found 'nothing'"),
+    ("gate_not_object", _set("gate", -3), r"signed\.gate: expected dict, found -3"),
+    ("gate_step_missing", _delete("gate.step_log2"), r"signed\.gate\.step_log2: expected a value"),
+    ("gate_step_too_fine", _set("gate.step_log2", SCALE_LOG2_RANGE[0] - 1), r"signed\.gate\.step_log2: expected an int in \[-24, 8\], found -25"),
+    ("gate_step_too_coarse", _set("gate.step_log2", SCALE_LOG2_RANGE[1] + 1), r"signed\.gate\.step_log2: expected an int in \[-24, 8\], found 9"),
+    ("gate_step_float", _set("gate.step_log2", -3.0), r"signed\.gate\.step_log2: expected int, found -3\.0"),
+    ("gate_step_bool", _set("gate.step_log2", True), r"signed\.gate\.step_log2: expected int, found True"),
+    ("gate_extra_key", _set("gate.width", 1.0), r"signed\.gate: expected only keys \['step_log2'\], found \['width'\]"),
     ("nan_beta", _set("records.0.beta.0", float("nan")), r"signed\.records\[0\]\.beta: expected finite numbers"),
     ("inf_gamma", _set("records.0.gamma", float("inf")), r"signed\.records\[0\]\.gamma: expected finite numbers"),
     ("gamma_zero", _set("records.0.gamma", 0.0), r"signed\.records\[0\]\.gamma: expected a positive number"),
@@ -216,16 +348,39 @@ INVALID_MANIFESTS = [
     ("gated_name_bad", _set("inputs.gated.0.name", "a b"), r"signed\.inputs: expected tensor names"),
     ("gated_name_dup", _set("inputs.gated.1.name", "feat_a"), r"signed\.inputs: expected distinct tensor names"),
     ("logits_is_gated", _set("inputs.logits", "feat_b"), r"signed\.inputs: expected distinct tensor names"),
+    ("chain_missing", _delete("chain"), r"signed\.chain: expected a value"),
     ("chain_negative", _set("chain.position", -1), r"signed\.chain: expected position >= 0"),
-    ("chain_bad_id", _set("chain.replaces", ["nothex"]), r"signed\.chain: expected position >= 0 and a list of patch ids"),
+    ("chain_bad_id", _set("chain.replaces", ["nothex"]), r"signed\.chain: expected position >= 0 and lists of patch ids"),
+    ("chain_after_missing", _delete("chain.after"), r"signed\.chain\.after: expected a value"),
+    ("chain_after_short_id", _set("chain.after", ["0123456789abcdef"]), r"signed\.chain: expected position >= 0 and lists of patch ids"),
+    ("chain_after_not_str", _set("chain.after", [7]), r"signed\.chain: expected position >= 0 and lists of patch ids"),
+    ("chain_extra_key", _set("chain.note", "x"), r"signed\.chain: expected only keys"),
     ("request_not_object", _set("request", []), r"signed\.request: expected dict"),
+    ("request_free_form_key", _set("request.note", "deleted at the user's request"), r"signed\.request: expected only keys \['classes', 'id_commitments', 'kind', 'n_points'\], found \['note'\]"),
+    ("request_kind_unknown", _set("request.kind", "everything"), r"signed\.request\.kind: expected one of \('points', 'class'\)"),
+    ("request_kind_missing", _delete("request.kind"), r"signed\.request\.kind: expected a value"),
+    ("request_n_points_missing", _delete("request.n_points"), r"signed\.request\.n_points: expected a value"),
+    ("request_n_points_negative", _set("request.n_points", -1), r"signed\.request: expected n_points >= 0 and id_commitments of 64 hex"),
+    ("request_n_points_bool", _set("request.n_points", True), r"signed\.request\.n_points: expected int, found True"),
+    ("request_commitments_missing", _delete("request.id_commitments"), r"signed\.request\.id_commitments: expected a value"),
+    ("request_commitment_short", _set("request.id_commitments.0", "ab" * 31), r"signed\.request: expected n_points >= 0 and id_commitments"),
+    ("request_commitment_upper", _set("request.id_commitments.0", "AB" * 32), r"signed\.request: expected n_points >= 0 and id_commitments"),
+    ("request_commitment_free_text", _set("request.id_commitments.0", "alice@example.com"), r"signed\.request: expected n_points >= 0 and id_commitments"),
+    ("request_classes_not_list", _set("request.classes", 3), r"signed\.request\.classes: expected list"),
+    ("request_classes_negative", _set("request.classes", [0, -1]), r"signed\.request\.classes: expected a list of class indices"),
+    ("request_classes_bool", _set("request.classes", [True]), r"signed\.request\.classes: expected a list of class indices"),
+    ("request_classes_str", _set("request.classes", ["cat"]), r"signed\.request\.classes: expected a list of class indices"),
 ]
+# Cases whose id stays as it was: the id is what is under test, or the content has no canonical hash.
+KEEP_ID = {i for i, _, _ in INVALID_MANIFESTS if i.startswith("patch_id") or i.endswith("keeping_id")} | {"nan_beta", "inf_gamma"}
 
 
-@pytest.mark.parametrize("mutate,match", [pytest.param(m, r, id=i) for i, m, r in INVALID_MANIFESTS])
-def test_invalid_manifest_refused(tiny, mutate, match):
+@pytest.mark.parametrize("case,mutate,match", [pytest.param(i, m, r, id=i) for i, m, r in INVALID_MANIFESTS])
+def test_invalid_manifest_refused(tiny, case, mutate, match):
     doc = copy.deepcopy(tiny[0].to_json())
     mutate(doc)
+    if case not in KEEP_ID:
+        doc["patch_id"] = derive_patch_id(doc)
     with pytest.raises(PatchFormatError, match=match) as info:
         Manifest.from_json(doc)
     msg = str(info.value)
@@ -233,10 +388,31 @@ def test_invalid_manifest_refused(tiny, mutate, match):
     assert info.value.check == "format" and isinstance(info.value, ValueError)
 
 
+# Python's `$` also matches before a final "\n", so these strings pass the manifest's patterns.
+TRAILING_NEWLINE = [
+    ("created", _set("created", "2024-01-01T00:00:00Z\n"), r"signed\.created"),
+    ("id_commitment", _set("request.id_commitments.0", COMMITMENTS[0] + "\n"), r"signed\.request"),
+    ("chain_after", _set("chain.after", ["0" * 32 + "\n"]), r"signed\.chain"),
+    ("base_sha256", _set("base.sha256", BASE_SHA + "\n"), r"signed\.base\.sha256"),
+    ("gated_name", _set("inputs.gated.0.name", "feat_a\n"), r"signed\.inputs"),
+]
+
+
+@pytest.mark.parametrize("mutate,match", [pytest.param(m, r, id=i) for i, m, r in TRAILING_NEWLINE])
+def test_trailing_newline_in_strings_refused(tiny, mutate, match):
+    """A patch's strings reach terminals and logs: none may carry a line break of the author's choosing."""
+    doc = copy.deepcopy(tiny[0].to_json())
+    mutate(doc)
+    doc["patch_id"] = derive_patch_id(doc)
+    with pytest.raises(PatchFormatError, match=match):
+        Manifest.from_json(doc)
+
+
 def test_invalid_manifest_collapse_bounds():
     manifest, _ = make_patch(p=1, mode="collapse")
     doc = manifest.to_json()
     doc["records"][0]["lower"] = [0.0, 0.0]
+    doc["patch_id"] = derive_patch_id(doc)
     with pytest.raises(PatchFormatError, match=r"signed\.records\[0\]\.lower/upper: expected null in collapse mode"):
         Manifest.from_json(doc)
 
@@ -247,14 +423,22 @@ def test_invalid_manifest_whole_document():
 
 
 def test_valid_edge_values_accepted(tiny):
-    """The validator is not over-strict: ints where floats are expected and the range ends are fine."""
+    """The validator is not over-strict: ints where floats are expected, the range ends of every
+    bounded field, and an empty commitment list are fine (once the id is derived from that content)."""
     doc = copy.deepcopy(tiny[0].to_json())
     doc["specification"] = {"q_lower": -1000, "q_upper": -1}
     doc["records"][0]["target"] = C - 1
     doc["n_classes"] = C
-    m = Manifest.from_json(doc)
+    doc["request"] = {"kind": "class", "n_points": 0, "id_commitments": [], "classes": []}
+    doc["chain"] = {"position": 0, "after": [], "replaces": ["0" * 32]}
+    for step in SCALE_LOG2_RANGE:
+        doc["gate"] = {"step_log2": step}
+        doc["patch_id"] = derive_patch_id(doc)
+        m = Manifest.from_json(doc)
+        assert m.gate_step_log2 == step
     assert m.q_upper == -1.0 and isinstance(m.q_upper, float)
     assert m.records[0].target == C - 1
+    assert m.request == {"kind": "class", "n_points": 0, "id_commitments": [], "classes": []}
 
 
 # ----------------------------------------------------------------------------- container
@@ -277,12 +461,13 @@ def test_pack_is_deterministic(tiny, tmp_path):
     a = pack(manifest, graph)
     b = pack(Manifest.from_json(json.loads(json.dumps(manifest.to_json()))), bytes(graph))
     assert a == b
-    # Rebuilding the same patch from scratch gives the same graph and file bytes ...
+    # Rebuilding the same patch from scratch gives the same graph, id and file bytes ...
     m2, g2 = make_patch(p=3)
-    assert g2 == graph and pack(m2, g2) == a
-    # ... and a different creation time changes only the manifest (not the graph).
+    assert g2 == graph and m2.patch_id == manifest.patch_id and pack(m2, g2) == a
+    # ... and a different creation time changes only the manifest (and so the id), not the graph.
     m3, g3 = make_patch(p=3, created="2025-06-01T00:00:00Z")
-    assert g3 == graph and pack(m3, g3) != a
+    assert g3 == graph and m3.patch_id != manifest.patch_id and pack(m3, g3) != a
+    assert unpack(pack(m3, g3)).manifest == m3
     # read_patch_file on disk agrees with unpack.
     path = tmp_path / "tiny.pepatch"
     path.write_bytes(a)
@@ -290,19 +475,31 @@ def test_pack_is_deterministic(tiny, tmp_path):
 
 
 def test_build_patch_is_deterministic_given_created(monkeypatch):
-    """The server-side builder: same inputs and SOURCE_DATE_EPOCH -> byte-identical patch files."""
+    """The server-side builder: same inputs and SOURCE_DATE_EPOCH -> byte-identical patch files, with
+    the gate step, chain and derived id the reader demands."""
     from prune_edge.exporters.patch_export import BaseRef, RecordCert, build_patch
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     records, T, t = make_records(2)
-    params = PatchParams(signs=np.ones((2, M), np.int8), gamma=np.full(2, 1.5), T=T, t=t)
+    params = PatchParams(signs=np.ones((2, M), np.int8), gamma=[r.gamma for r in records], T=T, t=t, scale_log2=-5)
     certs = [RecordCert(r.target, r.gamma, r.alpha, r.beta, r.mean_scale, r.mean_shift, r.lower, r.upper, r.points) for r in records]
     ref = BaseRef(BASE_SHA, OPSET, IR, LOGITS, C, GATED)
-    m1, d1 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, {"kind": "points"})
-    m2, d2 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, {"kind": "points"})
+    request = {"kind": "points", "n_points": 2, "id_commitments": COMMITMENTS[:2]}
+    m1, d1 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, request)
+    m2, d2 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, dict(request))
     assert d1 == d2 and m1 == m2
     assert m1.created == "2023-11-14T22:13:20Z"
+    assert m1.gate_step_log2 == -5 and m1.chain == {"position": 0, "after": [], "replaces": []}
+    assert m1.patch_id == derive_patch_id(m1.to_json())
     assert unpack(d1).manifest == m1
+    # A chained patch: the chain is signed content, so it has its own id.
+    chain = {"position": 1, "after": [m1.patch_id], "replaces": []}
+    m3, d3 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, request, chain=chain)
+    assert unpack(d3).manifest.chain == chain and m3.patch_id != m1.patch_id
+    # The builder does not validate (callers run verify_patch); a free-form request never gets past a reader.
+    _, bad = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, {**request, "note": "hi"})
+    with pytest.raises(PatchFormatError, match=r"signed\.request: expected only keys"):
+        unpack(bad)
 
 
 def _refuses(data: bytes, match: str, error=PatchFormatError, named: bool = True):
@@ -383,6 +580,33 @@ def test_container_other_encoding_of_same_content_refused(tiny):
     _refuses(data, r"canonical container encoding")
 
 
+def pack_text(text: str, graph: bytes) -> bytes:
+    """pack()'s exact zip encoding around any manifest text."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data in ((MANIFEST_NAME, text.encode()), (GRAPH_NAME, graph)):
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data, compresslevel=1)
+    return buf.getvalue()
+
+
+def test_container_other_json_spelling_refused(tiny):
+    """A manifest the schema accepts but spelt differently (ints for floats, id derived from that text)
+    is not the canonical file of its content."""
+    manifest, graph = tiny
+    assert pack_text(envelope_text(manifest), graph) == pack(manifest, graph)  # the zip fields are pack's
+    doc = manifest.to_json()
+    doc["specification"] = {"q_lower": -1000, "q_upper": -1}
+    doc["patch_id"] = derive_patch_id(doc)
+    assert Manifest.from_json(doc).q_upper == -1.0
+    text = json.dumps({"signed": doc, "signatures": []}, sort_keys=True, separators=(",", ":"))
+    _refuses(pack_text(text, graph), r"canonical container encoding")
+    # Same content, keys in another order: also not canonical.
+    _refuses(pack_text(json.dumps(manifest.envelope(), separators=(",", ":")), graph), r"canonical container encoding")
+
+
 def test_container_trailing_junk_refused(tiny):
     _refuses(pack(*tiny) + b"junk", r"canonical container encoding")
 
@@ -431,13 +655,70 @@ def test_container_nan_written_by_pack_is_refused(tiny):
     _refuses(data, r"non-finite number NaN")
 
 
+def _nested(depth: int, kind: str) -> str:
+    return "[" * depth + "]" * depth if kind == "list" else '{"a":' * depth + "0" + "}" * depth
+
+
+DEEP_SPOTS = {  # where a nested value goes in an otherwise valid envelope
+    "request": lambda env, v: env["signed"].__setitem__("request", v),
+    "request.classes": lambda env, v: env["signed"]["request"].__setitem__("classes", v),
+    "records.0.alpha": lambda env, v: env["signed"]["records"][0].__setitem__("alpha", [v, 0.5]),
+    "chain.after": lambda env, v: env["signed"]["chain"].__setitem__("after", [v]),
+    "signatures": lambda env, v: env.__setitem__("signatures", v),
+}
+_HOLE = "@@nested@@"
+
+
+def _deep_file(manifest: Manifest, graph: bytes, spot: str, depth: int, kind: str) -> bytes:
+    env = json.loads(envelope_text(manifest))
+    DEEP_SPOTS[spot](env, _HOLE)
+    text = json.dumps(env, sort_keys=True, separators=(",", ":")).replace(json.dumps(_HOLE), _nested(depth, kind))
+    return pack_text(text, graph)
+
+
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("spot", sorted(DEEP_SPOTS))
+def test_container_deeply_nested_json(tiny, spot, kind):
+    """JSON nested far deeper than the format (100,000 levels) is a format refusal naming the file,
+    never a RecursionError out of the reader."""
+    _refuses(_deep_file(*tiny, spot, 100_000, kind), r"manifest\.json expected JSON nested a few levels, found nesting too deep")
+
+
+def test_container_nesting_near_the_recursion_limit(tiny):
+    """Around the interpreter's recursion limit the value is either too deep to parse or parsed and
+    refused by the schema; neither path (parse, error message, id hashing) may raise RecursionError."""
+    limit = sys.getrecursionlimit()
+    outcomes = set()
+    for spot in sorted(DEEP_SPOTS):
+        for depth in range(max(1, limit - 300), limit + 50):
+            try:
+                unpack(_deep_file(*tiny, spot, depth, "list"), source="x.pepatch")
+            except PatchFormatError as exc:
+                outcomes.add("too deep" if "nesting too deep" in str(exc) else "schema")
+            else:
+                pytest.fail(f"{spot} nested {depth} deep was accepted")
+    assert outcomes == {"too deep", "schema"}  # the sweep crossed the parser's limit
+
+
 def test_container_invalid_manifest_inside(tiny):
     manifest, graph = tiny
     doc = manifest.to_json()
     doc["format_version"] = FORMAT_VERSION + 1
+    doc["patch_id"] = derive_patch_id(doc)
     env = json.dumps({"signed": doc, "signatures": []})
-    # NOTE: manifest-schema messages do not name the file (Manifest.from_json has no source); reported.
-    _refuses(zip_members([(MANIFEST_NAME, env.encode()), (GRAPH_NAME, graph)]), r"signed\.format_version: expected 2", named=False)
+    _refuses(zip_members([(MANIFEST_NAME, env.encode()), (GRAPH_NAME, graph)]), rf"signed\.format_version: expected {FORMAT_VERSION}")
+
+
+def test_container_edited_manifest_without_new_id(tiny):
+    """A manifest field edited inside a file, its id left as it was: refused, naming patch_id."""
+    manifest, graph = tiny
+    doc = manifest.to_json()
+    doc["records"][0]["beta"][0] -= 5.0
+    env = json.dumps({"signed": doc, "signatures": []}, sort_keys=True, separators=(",", ":"))
+    _refuses(pack_text(env, graph), NOT_DERIVED + rf", found '{manifest.patch_id}'")
+    # pack() writes what it is given: the same edit on a Manifest object is refused the same way.
+    rec = dataclasses.replace(manifest.records[0], beta=(manifest.records[0].beta[0] - 5.0, *manifest.records[0].beta[1:]))
+    _refuses(pack(dataclasses.replace(manifest, records=(rec, *manifest.records[1:])), graph), NOT_DERIVED)
 
 
 def test_graph_digest_mismatch(tiny):
@@ -446,28 +727,48 @@ def test_graph_digest_mismatch(tiny):
     assert len(other) == len(graph) and other != graph
     err = _refuses(pack(manifest, other), r"patch\.onnx expected sha256", IntegrityError)
     assert err.check == "integrity"
-    # Right digest, wrong length: also refused.
-    err = _refuses(pack(dataclasses.replace(manifest, graph_bytes=len(graph) + 1), graph), r"bytes\), found", IntegrityError)
+    # Right digest, wrong length (the id re-derived, so only the graph disagrees): also refused.
+    err = _refuses(pack(rederive(manifest, graph_bytes=len(graph) + 1), graph), r"bytes\), found", IntegrityError)
+    assert err.check == "integrity"
+    # Right length, another graph's digest.
+    _refuses(pack(rederive(manifest, graph_sha256=sha256_bytes(other)), graph), r"patch\.onnx expected sha256", IntegrityError)
     # A graph with one byte appended.
     _refuses(pack(manifest, graph + b"\0"), r"patch\.onnx expected sha256", IntegrityError)
 
 
 def test_error_tree():
-    for cls in (PatchFormatError, IntegrityError):
+    for cls in (PatchFormatError, IntegrityError, StructureError):
         assert issubclass(cls, PatchVerificationError) and issubclass(cls, ValueError)
 
 
 # ----------------------------------------------------------------------------- canonical graph
-def reference_patch(z: np.ndarray, f: np.ndarray, params: PatchParams) -> tuple[np.ndarray, np.ndarray]:
-    """float64 f + sum_k g_k (T_k f + t_k), g_k = relu(1 - gamma_k delta sum_i relu(-s_ki q_i)) with q the
-    int8 quantization of float32 z, the summed violation written out per coordinate."""
-    q = quantize(z.astype(np.float32), params.scale_log2).astype(np.float64)
-    f = f.astype(np.float64)
-    s = params.signs.astype(np.float64)
-    viol = np.maximum(-(q[:, None, :] * s[None]), 0.0).sum(axis=2) * params.delta
-    g = np.maximum(1.0 - params.gamma.astype(np.float64)[None] * viol, 0.0)
-    corr = np.einsum("nk,kcd,nd->nc", g, params.T.astype(np.float64), f) + g @ params.t.astype(np.float64)
-    return f + corr, g
+def reference_pre(z: np.ndarray, params: PatchParams) -> tuple[np.ndarray, np.ndarray]:
+    """((N, P) float32 pre, (N, P) int excess) as the gate defines them, written out per coordinate:
+    excess = 2 sum_i relu(-s_i v_i) with v the odd integers of float32 z, pre = 1 - gamma delta/4 excess
+    (the one float32 product and sum the graph does)."""
+    v = quantize(np.asarray(z, np.float32), params.scale_log2).astype(np.int64)
+    excess = 2 * np.maximum(-params.signs[None].astype(np.int64) * v[:, None, :], 0).sum(axis=2)
+    neg_w = params.gamma * np.float32(-params.delta / 4)  # a power-of-two scaling: exact
+    return excess.astype(np.float32) * neg_w[None] + np.float32(1.0), excess
+
+
+def reference_patch(z: np.ndarray, f: np.ndarray, params: PatchParams):
+    """(out float64, gate, k*, pre): only the most-open record acts, ``out = f + g (T_k* f + t_k*)`` with
+    k* = argmax pre (first on ties) and g = clip(pre[k*], 0, 1)."""
+    pre, _ = reference_pre(z, params)
+    k = pre.argmax(axis=1)
+    g = np.clip(pre[np.arange(len(pre)), k], 0.0, 1.0)
+    f64 = f.astype(np.float64)
+    corr = np.einsum("ncd,nd->nc", params.T[k].astype(np.float64), f64) + params.t[k].astype(np.float64)
+    return f64 + g[:, None].astype(np.float64) * corr, g, k, pre
+
+
+def summed_patch(z: np.ndarray, f: np.ndarray, params: PatchParams) -> np.ndarray:
+    """What format 2 computed: every open gate adds its record, ``f + sum_k g_k (T_k f + t_k)``."""
+    pre, _ = reference_pre(z, params)
+    g = np.clip(pre, 0.0, 1.0).astype(np.float64)
+    f64 = f.astype(np.float64)
+    return f64 + np.einsum("nk,kcd,nd->nc", g, params.T.astype(np.float64), f64) + g @ params.t.astype(np.float64)
 
 
 def feeds(z: np.ndarray, f: np.ndarray) -> dict[str, np.ndarray]:
@@ -486,6 +787,14 @@ def session(model: onnx.ModelProto, *extra_outputs: str) -> ort.InferenceSession
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def run(params: PatchParams, z: np.ndarray, f: np.ndarray | None = None, form: str | None = None):
+    """(out, gate (N,), k (N,), pre (N, P)) of the canonical graph of ``params`` on onnxruntime."""
+    f = np.zeros((len(z), params.n_classes), np.float32) if f is None else f
+    model = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form or form_of(params))
+    out, gate, k, pre = session(model, GATE, K, PRE).run(None, feeds(z, f))
+    return out, gate.reshape(-1), k, pre
+
+
 FORMS = ("affine", "shift", "collapse")
 
 
@@ -493,64 +802,123 @@ FORMS = ("affine", "shift", "collapse")
 def canonical(request):
     """A random patch graph in each form: general T, T = 0 (shift) and T = -I (collapse)."""
     form = request.param
-    rng = np.random.default_rng(7)
-    params = random_params(rng, p=4)
-    if form == "shift":
-        params = PatchParams(params.signs, params.gamma, np.zeros_like(params.T), params.t, params.scale_log2)
-    elif form == "collapse":
-        params = PatchParams(params.signs, params.gamma, np.broadcast_to(-np.eye(C), params.T.shape), params.t, params.scale_log2)
-    assert form_of(params) == form
-    prefix = "pe_fedcba9876543210_"
-    model = build_patch_graph(prefix, GATED, LOGITS, params, OPSET, IR, form)
-    return prefix, params, model, form
+    params = with_form(random_params(np.random.default_rng(7), p=4), form)
+    model = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form)
+    return params, model, form
 
 
 def test_canonical_graph_is_valid_onnx(canonical):
-    prefix, params, model, form = canonical
+    params, model, form = canonical
     onnx.checker.check_model(model, full_check=True)
     g = model.graph
     assert [i.name for i in g.input] == [t.name for t in GATED] + [LOGITS]
-    assert [o.name for o in g.output] == [output_name(prefix)]
-    names = {t for n in g.node for t in n.output} | {i.name for i in g.initializer}
-    assert all(n.startswith(prefix) for n in names), "every patch-internal name carries the prefix"
+    assert [o.name for o in g.output] == [OUTPUT_NAME] == [PREFIX + "logits"]
+    names = {t for n in g.node for t in n.output} | {i.name for i in g.initializer} | {n.name for n in g.node}
+    assert all(n.startswith(PREFIX) for n in names), "every patch-internal name carries the fixed prefix"
     assert model.opset_import[0].version == OPSET and model.ir_version == IR
+    # The parameters, by their canonical names, dtypes and shapes.
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    p = params.n_records
+    assert inits["pe_g0_signs"].dtype == np.int8 and inits["pe_g0_signs"].shape == (M, p)
+    np.testing.assert_array_equal(inits["pe_g0_signs"], params.signs.T)
+    assert inits["pe_g0_neg_w"].dtype == np.float32 and inits["pe_g0_neg_w"].shape == (1, p)
+    np.testing.assert_array_equal(inits["pe_g0_neg_w"][0], -(params.gamma * np.float32(params.delta / 4)))
+    assert inits["pe_g0_delta"].shape == () and inits["pe_g0_delta"] == np.float32(DELTA)
+    assert inits["pe_g0_half"].shape == () and inits["pe_g0_half"] == np.float32(DELTA / 2)
+    assert inits["pe_t_table"].dtype == np.float32 and inits["pe_t_table"].shape == (p, C)
+    np.testing.assert_array_equal(inits["pe_t_table"], params.t)
+    assert ("pe_T_table" in inits) == (form == "affine")
+    if form == "affine":
+        assert inits["pe_T_table"].shape == (p, C, C)
+        np.testing.assert_array_equal(inits["pe_T_table"], params.T)
+    # One record acts: an ArgMax over the gates, no product over all records' corrections.
+    ops = [n.op_type for n in g.node]
+    assert ops.count("ArgMax") == 1 and ops.count("MatMulInteger") == 1 and "Gemm" not in ops
     # Same inputs -> same bytes.
-    assert build_patch_graph(prefix, GATED, LOGITS, params, OPSET, IR, form).SerializeToString() == model.SerializeToString()
+    assert build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString() == model.SerializeToString()
+
+
+def test_build_patch_graph_refuses_what_it_cannot_build():
+    params = random_params(np.random.default_rng(0), p=2)
+    with pytest.raises(ValueError, match=r"opset >= 13"):
+        build_patch_graph(GATED, LOGITS, params, 12, IR, "affine")
+    with pytest.raises(ValueError, match=r"form: expected one of"):
+        build_patch_graph(GATED, LOGITS, params, OPSET, IR, "general")
+    with pytest.raises(ValueError, match=r"signs have 11 columns, gated tensors hold 3 values"):
+        build_patch_graph(GATED[1:], LOGITS, params, OPSET, IR, "affine")
 
 
 def test_extract_params_round_trip(canonical):
-    prefix, params, model, form = canonical
-    back = extract_params(model, prefix, params.n_records, M, C, form)
+    params, model, form = canonical
+    back = extract_params(model, params.n_records, M, C, form)
     np.testing.assert_array_equal(back.signs, params.signs)
-    np.testing.assert_array_equal(back.gamma, params.gamma)
+    np.testing.assert_array_equal(back.gamma, params.gamma)  # exactly: neg_w is a power-of-two rescaling
     np.testing.assert_array_equal(back.T, params.T)
     np.testing.assert_array_equal(back.t, params.t)
     assert back.scale_log2 == params.scale_log2
+    rebuilt = build_patch_graph(GATED, LOGITS, back, OPSET, IR, form)
+    assert rebuilt == model
+
+
+def _replace_init(model: onnx.ModelProto, name: str, array: np.ndarray | None) -> onnx.ModelProto:
+    model = copy.deepcopy(model)
+    inits = model.graph.initializer
+    i = next(j for j, t in enumerate(inits) if t.name == name)
+    del inits[i]
+    if array is not None:
+        inits.insert(i, numpy_helper.from_array(array, name))
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,array,match",
+    [
+        ("pe_g0_delta", np.array(0.3, np.float32), r"quantization step expected a power of two"),
+        ("pe_g0_delta", np.array(2.0**-30, np.float32), r"quantization step expected a power of two 2\^-24\.\.2\^8"),
+        ("pe_g0_delta", np.array(np.inf, np.float32), r"quantization step"),
+        ("pe_g0_signs", np.zeros((M, 4), np.int8), r"signs must be -1 or \+1, found 44 other values"),
+        ("pe_g0_signs", np.ones((M, 4), np.int16), r"'pe_g0_signs' expected dtype INT8"),
+        ("pe_g0_neg_w", np.ones((4,), np.float32), r"'pe_g0_neg_w' expected dtype FLOAT shape \(1, 4\)"),
+        ("pe_t_table", np.ones((4, C + 1), np.float32), r"'pe_t_table' expected dtype FLOAT shape \(4, 3\)"),
+        ("pe_T_table", None, r"expected initializer 'pe_T_table', found none"),
+    ],
+    ids=["delta-not-pow2", "delta-too-fine", "delta-inf", "signs-zero", "signs-int16", "neg_w-shape", "t-shape", "T-missing"],
+)
+def test_extract_params_refuses_non_canonical_tensors(name, array, match):
+    params = random_params(np.random.default_rng(7), p=4)
+    model = _replace_init(build_patch_graph(GATED, LOGITS, params, OPSET, IR, "affine"), name, array)
+    with pytest.raises(StructureError, match=match):
+        extract_params(model, params.n_records, M, C, "affine")
 
 
 def test_canonical_graph_matches_reference(canonical):
-    prefix, params, model, form = canonical
+    params, model, form = canonical
     rng = np.random.default_rng(11)
     n_each = 40
-    p = params.n_records
     rows = []
-    for k in range(p):
+    for k in range(params.n_records):
         s = params.signs[k].astype(np.float64)
         inside = s * rng.uniform(0.05, 2.0, size=(n_each, M))  # exactly in record k's region
         partial = inside.copy()
         flip = rng.integers(0, M, size=n_each)
-        partial[np.arange(n_each), flip] = -s[flip] * rng.uniform(0.01, 1.2 / params.gamma[k], size=n_each)
+        partial[np.arange(n_each), flip] = -s[flip] * rng.uniform(0.001, 0.6 / params.gamma[k], size=n_each)
         rows += [inside, partial]
+    rows.append(rng.normal(scale=DELTA, size=(2 * n_each, M)))  # near every boundary: many gates partly open
     rows.append(rng.normal(scale=1.5, size=(n_each, M)))  # anywhere
     z = np.concatenate(rows).astype(np.float32)
     f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
-    ref, g = reference_patch(z, f, params)
-    # The inputs cover closed, partially open and fully open gates.
+    ref, g, k, pre = reference_patch(z, f, params)
+    # The inputs cover closed, partially open and fully open gates, and rows with several open gates.
     assert (g == 1.0).any() and (g == 0.0).any() and ((g > 0.05) & (g < 0.95)).any()
-    sess = session(model, gate_name(prefix))
-    out, gate = sess.run(None, feeds(z, f))
+    assert ((pre > 0.05).sum(axis=1) >= 2).sum() > 20
+    sess = session(model, GATE, K, PRE)
+    out, gate, k_dev, pre_dev = sess.run(None, feeds(z, f))
     assert out.dtype == np.float32 and out.shape == (len(z), C)
-    np.testing.assert_allclose(gate, g, rtol=0, atol=1e-5)
+    assert gate.shape == (len(z), 1) and k_dev.shape == (len(z),) and k_dev.dtype == np.int64
+    # The gate is integer arithmetic and one float32 product: the device's numbers are the reference's.
+    np.testing.assert_array_equal(pre_dev, pre)
+    np.testing.assert_array_equal(k_dev, k)
+    np.testing.assert_array_equal(gate[:, 0], g)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
     # Batch independence: one row at a time gives the same numbers (dynamic batch).
     single = np.concatenate([sess.run(None, feeds(z[i : i + 1], f[i : i + 1]))[0] for i in range(0, len(z), 37)])
@@ -558,19 +926,24 @@ def test_canonical_graph_matches_reference(canonical):
 
 
 def test_canonical_graph_closed_gates_are_bit_exact(canonical):
-    prefix, params, model, form = canonical
+    params, model, form = canonical
     rng = np.random.default_rng(3)
     z = (rng.normal(size=(500, M)) * 50).astype(np.float32)
     f = (rng.normal(size=(500, C)) * 10).astype(np.float32)
-    _, g = reference_patch(z, f, params)
-    # Keep rows whose every gate is closed by a clear margin (quantized violation * gamma >= 2).
-    s = params.signs.astype(np.float64)
-    q = quantize(z, params.scale_log2).astype(np.float64)
-    viol = np.maximum(-(q[:, None, :] * s[None]), 0).sum(2) * params.delta * params.gamma[None]
-    keep = (viol >= 2.0).all(axis=1)
-    assert keep.sum() > 100 and (g[keep] == 0).all()
+    _, g, _, pre = reference_patch(z, f, params)
+    keep = (pre <= 0).all(axis=1)  # every gate closed
+    assert keep.sum() > 100 and (g[keep] == 0).all() and (pre[keep] < -1).any()
     out = session(model).run(None, feeds(z[keep], f[keep]))[0]
-    assert np.array_equal(out, f[keep]), "closed gates must return the base logits bit for bit"
+    assert np.array_equal(out.view(np.uint32), f[keep].view(np.uint32)), "closed gates must return the base logits bit for bit"
+    # A gate exactly at its edge (pre = 0, not below) is closed too: gamma 16 and one |v| = 1 violation
+    # give pre = 1 - 16 * delta/4 * 2 = 0 for that record, and <= 0 for every other pattern.
+    edge = PatchParams(params.signs, np.full(params.n_records, 16.0), params.T, params.t, params.scale_log2)
+    zk = np.repeat(params.signs.astype(np.float32), 3, axis=0)
+    zk[np.arange(len(zk)), np.arange(len(zk)) % M] = np.where(zk[np.arange(len(zk)), np.arange(len(zk)) % M] > 0, -1e-3 * DELTA, 0.0)
+    fk = (rng.normal(size=(len(zk), C)) * 10).astype(np.float32)
+    out, gate, _, pre = run(edge, zk, fk, form)
+    assert (pre.max(axis=1) == 0).all() and (gate == 0).all()
+    assert np.array_equal(out.view(np.uint32), fk.view(np.uint32))
     # Sanity: the same graph does change logits once a gate opens.
     zin = (params.signs[0].astype(np.float32) * 1.0)[None]
     out_open = session(model).run(None, feeds(zin, f[:1]))[0]
@@ -578,85 +951,236 @@ def test_canonical_graph_closed_gates_are_bit_exact(canonical):
 
 
 def test_canonical_graph_already_simple(canonical):
-    """onnxsim can at most fold constant-only nodes (there are none now: the int8 signs feed
-    MatMulInteger as stored) and drop Flatten nodes that are identities on already-flat inputs; every
-    node that touches data survives."""
+    """onnxsim finds nothing to fold: no node has only constant inputs (the int8 signs feed MatMulInteger
+    as stored, the tables are gathered by the data-dependent k*), so every node survives."""
     onnxsim = pytest.importorskip("onnxsim")
-    prefix, params, model, form = canonical
+    params, model, form = canonical
     simplified, ok = onnxsim.simplify(copy.deepcopy(model))
     assert ok
     constant = {i.name for i in model.graph.initializer}
-    removable = []
-    flat_inputs = {g.name for g in GATED if len(g.shape) == 1}
-    for node in model.graph.node:
-        if all(i in constant for i in node.input) or (node.op_type == "Flatten" and node.input[0] in flat_inputs):
-            constant.update(node.output) if node.op_type != "Flatten" else None
-            removable.append(node)
-    assert {n.op_type for n in removable} <= {"Cast", "Mul", "Flatten"}
-    data_nodes = [n for n in model.graph.node if n not in removable]
-    assert len(simplified.graph.node) >= len(data_nodes)
+    assert not [n.op_type for n in model.graph.node if all(i in constant for i in n.input)]
+    assert len(simplified.graph.node) >= len(model.graph.node) - sum(n.op_type == "Flatten" for n in model.graph.node)
     rng = np.random.default_rng(5)
-    z = rng.normal(size=(16, M)).astype(np.float32)
+    z = rng.normal(scale=DELTA, size=(16, M)).astype(np.float32)
     f = rng.normal(size=(16, C)).astype(np.float32)
     np.testing.assert_allclose(session(simplified).run(None, feeds(z, f))[0], session(model).run(None, feeds(z, f))[0], atol=1e-6)
 
 
 def test_gate_quantization_is_exactly_the_reference(canonical):
-    """The device's QuantizeLinear / MatMulInteger give exactly the integers the server reasons with:
-    round half to even, saturation at +-128 steps, exact |q|_1 - q.s (ties, huge, tiny and -0 values)."""
-    prefix, params, model, form = canonical
+    """The device's two QuantizeLinear nodes and MatMulInteger give exactly the integers the server
+    reasons with: round half to even of (z - delta/2)/delta, the odd v = 2w + 1 saturating at -128/127,
+    sign(v) = [z >= 0], and the exact excess |v|_1 - v.s (ties, huge, tiny, zero and -0 values)."""
+    params, model, form = canonical
     rng = np.random.default_rng(13)
     step = params.delta
-    z = rng.normal(scale=20 * step, size=(200, M))
-    z[:20] = (rng.integers(-300, 300, size=(20, M)) + 0.5) * step  # exact ties
+    z = rng.normal(scale=20 * step, size=(240, M))
+    z[:20] = rng.integers(-300, 300, size=(20, M)) * step  # exact ties of (z - delta/2)/delta
     z[20:30] = rng.choice([-1, 1], size=(10, M)) * 1e6  # saturation
     z[30:40] = rng.normal(scale=step / 10, size=(10, M))  # below half a step
-    z[40, :] = -0.0
+    z[40] = -0.0
+    z[41] = 0.0
+    z[42:60] = rng.choice([0.0, -1e-3 * step, step / 2, -step / 2, step, -step, 63.75 * step, -64.5 * step], size=(18, M))
     z = z.astype(np.float32)
-    f = np.zeros((len(z), C), np.float32)
-    q_names = [f"{prefix}q{i}" for i in range(len(GATED))]
-    sess = session(model, *q_names, prefix + "excess")
-    outs = sess.run(None, feeds(z, f))
-    q_dev = np.concatenate([q.reshape(len(z), -1) for q in outs[1:-1]], axis=1).astype(np.int32) - 128
-    q = quantize(z, params.scale_log2).astype(np.int64)
-    np.testing.assert_array_equal(q_dev, q)
-    # the graph's |q|_1 - q.s is, exactly, twice the summed violation written out per coordinate
-    violation = np.maximum(-params.signs[None, :, :].astype(np.int64) * q[:, None, :], 0).sum(2)
-    np.testing.assert_array_equal(outs[-1], 2 * violation)
+    sess = session(model, V, EXCESS)
+    _, v_dev, excess_dev = sess.run(None, feeds(z, np.zeros((len(z), C), np.float32)))
+    v = quantize(z, params.scale_log2)
+    np.testing.assert_array_equal(v_dev.astype(np.int32) - 128, v)
+    assert ((v % 2 == 1) | (v == -128)).all() and v.min() == -128 and v.max() == 127
+    np.testing.assert_array_equal(np.sign(v), sign_pattern(z))  # the ReLU's own activation
+    # hand-worked values: ties round to even, -0 and 0 are active, a tiny negative is not
+    worked = np.array([0.0, -0.0, -1e-3 * step, step / 2, step, 2 * step, 3 * step, -step, -1e6], np.float32)
+    assert quantize(worked, params.scale_log2).tolist() == [1, 1, -1, 1, 1, 5, 5, -3, -128]
+    # the graph's |v|_1 - v.s is, exactly, twice the summed disagreement written out per coordinate
+    _, excess = reference_pre(z, params)
+    np.testing.assert_array_equal(excess_dev, excess)
+    np.testing.assert_array_equal(excess_of(v, params.signs), excess)
+    assert (excess % 2 == 0).all() and ((excess == 0) == (sign_pattern(z)[:, None, :] == params.signs[None]).all(axis=2)).all()
+
+
+def test_gate_step_float32_slack():
+    """The one documented gap between the gate and the ReLU: float32's z - delta/2 absorbs negative z
+    with |z| <= delta 2^-25, read as active. Anything at least delta 2^-24 below 0 is read as inactive."""
+    for e in (-8, -3, 0):
+        d = 2.0**e
+        z = np.array([[-d * 2.0**-24, -d * 2.0**-23, -d * 2.0**-25, -d * 2.0**-30, -1e-3 * d] + [1.0] * (M - 5)], np.float32)
+        v = quantize(z, e)[0, :5]
+        assert v.tolist() == [-1, -1, 1, 1, -1]
+        params = PatchParams(np.ones((1, M), np.int8), [1.0], np.zeros((1, C, C)), np.ones((1, C)), e)
+        assert (run(params, z)[3][0] < 1).all()  # two coordinates read inactive: the all-active gate is not 1
+
+
+def _on_region_values(rng: np.random.Generator, signs: np.ndarray, n: int, step: float) -> np.ndarray:
+    """(n, M) float32 z with sign_pattern(z) == signs on every row: corner values (0, -0, half and whole
+    steps, the smallest negatives the gate reads exactly, saturation) and random magnitudes."""
+    active = np.array([0.0, -0.0, 1e-3 * step, step / 2, step, 3 * step, 1e5 * step, np.float32(1e-30)])
+    inactive = np.array([-1e-3 * step, -step * 2.0**-24, -step / 2, -step, -3 * step, -1e5 * step])
+    z = np.where(
+        signs[None] > 0,
+        rng.choice(active, size=(n, len(signs))),
+        rng.choice(inactive, size=(n, len(signs))),
+    )
+    random_rows = rng.random(n) < 0.3
+    z[random_rows] = signs[None] * np.exp(rng.uniform(np.log(step / 100), np.log(1e4 * step), size=(random_rows.sum(), len(signs))))
+    z = z.astype(np.float32)
+    assert (sign_pattern(z) == signs[None]).all()
+    return z
 
 
 def test_gate_is_exactly_one_on_the_region(canonical):
-    """Every coordinate agreeing in sign (any magnitude, saturated or not) gives gate 1 bit for bit,
-    for any gamma; values of the wrong sign below half a step round to 0 and change nothing; one full
-    step of the wrong sign closes a sharp gate."""
-    prefix, params, model, form = canonical
+    """On record k's region (every gated z with k's sign pattern, z = 0 and -0 counting as active, tiny
+    negatives as inactive, any magnitude) its gate is 1 bit for bit and k acts, for any gamma; one
+    coordinate of the wrong sign, by the smallest amount, takes k's gate below 1."""
+    params, model, form = canonical
     rng = np.random.default_rng(17)
-    step = params.delta
     sharp = PatchParams(params.signs, np.full(params.n_records, 1e4), params.T, params.t, params.scale_log2)
     for p in (params, sharp):
-        sess = session(build_patch_graph(prefix, GATED, LOGITS, p, OPSET, IR, form), gate_name(prefix))
         for k in range(p.n_records):
-            s = p.signs[k].astype(np.float64)
-            inside = s * np.exp(rng.uniform(np.log(step), np.log(1e5 * step), size=(50, M)))
-            wrong_tiny = inside.copy()
-            wrong_tiny[:, :3] = -s[:3] * rng.uniform(0, 0.49 * step, size=(50, 3))
-            for z in (inside, wrong_tiny):
-                gate = sess.run(None, feeds(z.astype(np.float32), np.zeros((50, C), np.float32)))[1]
-                assert np.all(gate[:, k] == 1.0)
-    wrong = (params.signs[0].astype(np.float32) * 10 * step)[None].copy()
-    wrong[0, 0] *= -1
-    sess = session(build_patch_graph(prefix, GATED, LOGITS, sharp, OPSET, IR, form), gate_name(prefix))
-    assert sess.run(None, feeds(wrong, np.zeros((1, C), np.float32)))[1][0, 0] == 0.0
+            z = _on_region_values(rng, p.signs[k], 200, p.delta)
+            f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
+            out, gate, k_dev, pre = run(p, z, f, form)
+            assert (pre[:, k] == 1.0).all() and (gate == 1.0).all() and (k_dev == k).all()
+            others = np.delete(pre, k, axis=1)
+            assert (others < 1.0).all()
+            full = f.astype(np.float64) + np.einsum("cd,nd->nc", p.T[k].astype(np.float64), f) + p.t[k]
+            np.testing.assert_allclose(out, full, rtol=0, atol=1e-4)  # k's whole correction, nothing else
+            # One flipped sign, as small as the gate can see: 0 for an inactive coordinate, -1e-3 delta
+            # for an active one. k's excess is 2, its gate 1 - gamma delta/2 < 1.
+            flipped = z[:M].copy()
+            cols = np.arange(M)
+            flipped[cols, cols] = np.where(p.signs[k] > 0, -1e-3 * p.delta, 0.0)
+            _, gate, k_dev, pre = run(p, flipped, form=form)
+            expect = np.float32(1) - p.gamma[k] * np.float32(p.delta / 2)
+            assert (pre[:, k] == expect).all() and (pre[:, k] < 1).all()
+            assert ((k_dev != k) | (gate < 1)).all()
+            # where k still acts, its gate is the partial one; where another record acts, it is that
+            # record's exact region (its gate 1) or a gate at least as open as k's
+            assert (gate[k_dev == k] == np.clip(expect, 0, 1)).all() and (gate >= np.clip(expect, 0, 1)).all()
+
+
+CORNERS = np.array([0.0, -0.0, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 2.0**-26, -(2.0**-26), 1e5, -1e5])  # in steps
+
+
+def test_two_patterns_never_both_have_gate_one():
+    """Search for an input on which two different patterns both have gate 1: with all 2^11 patterns in
+    one patch, every input must open exactly one gate fully, the pattern the gate reads (which is the
+    ReLU's own, sign_pattern(z), outside the documented float32 slack), and that record acts. Inputs:
+    random draws, boundary values (0, -0, +-tiny, +-delta/2, +-delta, below the slack) and mixtures."""
+    rng = np.random.default_rng(23)
+    patterns = ((np.arange(2**M)[:, None] >> np.arange(M)[None]) & 1).astype(np.int8) * 2 - 1
+    p = len(patterns)
+    params = PatchParams(patterns, rng.uniform(0.3, 16.0, size=p), np.zeros((p, C, C)), rng.normal(size=(p, C)), STEP_LOG2)
+    z = np.concatenate(
+        [
+            rng.choice(CORNERS, size=(1500, M)) * DELTA,  # adversarial corners only
+            rng.choice(CORNERS[:8], size=(500, M)) * DELTA,  # the tie values around 0 only
+            rng.normal(scale=DELTA, size=(500, M)),
+            rng.normal(scale=100 * DELTA, size=(300, M)),
+            np.where(rng.random((200, M)) < 0.5, 0.0, -1e-3 * DELTA),  # z = 0 next to z = -tiny
+        ]
+    ).astype(np.float32)
+    _, gate, k, pre = run(params, z)
+    full = pre == 1.0
+    assert (full.sum(axis=1) == 1).all(), f"{int((full.sum(axis=1) != 1).sum())} inputs open != 1 gate fully"
+    opened = full.argmax(axis=1)
+    assert (k == opened).all() and (gate == 1.0).all()
+    read = np.sign(quantize(z, STEP_LOG2)).astype(np.int8)
+    np.testing.assert_array_equal(patterns[opened], read)
+    in_slack = ((z < 0) & (z >= -DELTA * 2.0**-25)).any(axis=1)
+    assert 500 < in_slack.sum() < 2000
+    np.testing.assert_array_equal(patterns[opened[~in_slack]], sign_pattern(z[~in_slack]))
+    # inside the slack the gate reads the active pattern (documented in patchgraph), nowhere else
+    assert (patterns[opened[in_slack]] != sign_pattern(z[in_slack])).any(axis=1).all()
+    # every other pattern disagrees somewhere, so its excess is at least 2
+    _, excess = reference_pre(z[:200], params)
+    assert ((excess == 0).sum(axis=1) == 1).all() and (np.sort(excess, axis=1)[:, 1] >= 2).all()
+
+
+def _neighbour_params(rng: np.random.Generator, form: str) -> PatchParams:
+    """Records whose patterns differ from a base pattern in one or two coordinates, with wide gates:
+    near the base region several of them are partly open at once."""
+    s0 = rng.choice(np.array([-1, 1], np.int8), size=M)
+    flips = np.ones((4, M), np.int8)
+    flips[1, 0] = flips[2, 1] = flips[2, 2] = flips[3, 3] = -1  # base, one flip, two flips, one flip
+    signs = s0[None] * flips
+    p = len(signs)
+    params = PatchParams(signs, rng.uniform(0.4, 0.8, size=p), rng.normal(size=(p, C, C)), rng.normal(size=(p, C)) * 3, STEP_LOG2)
+    return with_form(params, form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_only_the_most_open_record_acts(form):
+    """Where several gates are partly open, the output is f + g (T_k* f + t_k*) of the most-open record
+    alone, not the sum over open records that format 2 computed; where one gate is 1 the others' partial
+    gates add nothing to it."""
+    rng = np.random.default_rng(29)
+    params = _neighbour_params(rng, form)
+    s0 = params.signs[0].astype(np.float64)
+    n = 600
+    z = s0 * rng.uniform(0.0, 3 * DELTA, size=(n, M))
+    flip = rng.random((n, 4)) < 0.4  # the first four coordinates decide between the records
+    z[:, :4] = np.where(flip, -z[:, :4], z[:, :4])
+    z = z.astype(np.float32)
+    f = (rng.normal(size=(n, C)) * 5).astype(np.float32)
+    out, gate, k, pre = run(params, z, f)
+    ref, g, k_ref, pre_ref = reference_patch(z, f, params)
+    np.testing.assert_array_equal(pre, pre_ref)
+    np.testing.assert_array_equal(k, k_ref)
+    np.testing.assert_array_equal(gate, g)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+    open_gates = np.sort(np.clip(pre, 0, 1), axis=1)
+    several = open_gates[:, -2] >= 0.1  # a second gate at least 0.1 open
+    assert several.sum() > 100
+    old = summed_patch(z, f, params)
+    assert (np.abs(old - out).max(axis=1)[several] > 1e-3).all(), "the summed corrections would differ"
+    # Fully open rows beside partly open neighbours: exactly the acting record's full correction.
+    beside = (open_gates[:, -1] == 1) & (open_gates[:, -2] > 0)
+    assert beside.sum() > 20
+    kk = k[beside]
+    full = f[beside].astype(np.float64) + np.einsum("ncd,nd->nc", params.T[kk].astype(np.float64), f[beside]) + params.t[kk]
+    np.testing.assert_allclose(out[beside], full, rtol=0, atol=1e-4)
+
+
+def test_ties_go_to_the_first_record():
+    """Two records exactly as open (same gamma, same excess): the first acts, whichever it is."""
+    rng = np.random.default_rng(31)
+    s0 = rng.choice(np.array([-1, 1], np.int8), size=M)
+    s1, s2 = s0.copy(), s0.copy()
+    s1[2], s2[7] = -s1[2], -s2[7]
+    z = s0.astype(np.float32) * np.float32(2 * DELTA)
+    z[2], z[7] = -z[2], -z[7]  # disagrees with s1 at 7 only and with s2 at 2 only, by the same |v|
+    z = z[None]
+    f = (rng.normal(size=(1, C)) * 5).astype(np.float32)
+    T, t = rng.normal(size=(2, C, C)), rng.normal(size=(2, C)) * 3
+    outs = []
+    for order in ([0, 1], [1, 0]):
+        signs = np.stack([s1, s2])[order]
+        params = PatchParams(signs, [0.5, 0.5], T, t, STEP_LOG2)
+        out, gate, k, pre = run(params, z, f)
+        assert pre[0, 0] == pre[0, 1] and 0 < pre[0, 0] < 1
+        assert k[0] == 0 and gate[0] == pre[0, 0]
+        np.testing.assert_allclose(out, reference_patch(z, f, params)[0], rtol=0, atol=1e-4)
+        outs.append(out)
+    # the same tables in both orders: record 0 acts each time, so the outputs are the same
+    np.testing.assert_array_equal(outs[0], outs[1])
+    swapped = PatchParams(np.stack([s2, s1]), [0.5, 0.5], T[::-1], t[::-1], STEP_LOG2)
+    assert not np.allclose(run(swapped, z, f)[0], outs[0], atol=1e-3)  # a different first record, another correction
 
 
 def test_scale_choice():
     z = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
     e = choose_scale_log2(z)
     top = np.quantile(np.abs(z), 0.5)
-    assert 2.0**e * 127 <= top < 2.0 ** (e + 1) * 127
+    assert 2.0**e * 64 <= top < 2.0 ** (e + 1) * 64  # the median |z| saturates v (64 steps of 2w + 1)
+    assert choose_scale_log2(z * 2**10) == e + 10  # a power-of-two scaling moves the step with it
+    assert choose_scale_log2(np.full((4, 4), 1e30, np.float32)) == SCALE_LOG2_RANGE[1]
+    assert choose_scale_log2(np.full((4, 4), 1e-30, np.float32)) == SCALE_LOG2_RANGE[0]
     assert choose_scale_log2(np.zeros((3, 4), np.float32)) == DEFAULT_SCALE_LOG2
+    assert choose_scale_log2(np.zeros((0, 4), np.float32)) == DEFAULT_SCALE_LOG2
+    assert choose_scale_log2(np.full((3, 4), np.nan, np.float32)) == DEFAULT_SCALE_LOG2
     with pytest.raises(ValueError, match="scale_log2"):
         PatchParams(np.ones((1, 2), np.int8), np.ones(1), np.zeros((1, 2, 2)), np.zeros((1, 2)), scale_log2=40)
+    with pytest.raises(ValueError, match="scale_log2"):
+        PatchParams(np.ones((1, 2), np.int8), np.ones(1), np.zeros((1, 2, 2)), np.zeros((1, 2)), scale_log2=-25)
 
 
 def test_certificate_algebra_identities():
@@ -674,3 +1198,21 @@ def test_certificate_algebra_identities():
             np.testing.assert_allclose(p @ t, beta, atol=1e-12)
             np.testing.assert_allclose(np.ones(c) @ (np.eye(c) + T), np.ones(c), atol=1e-12)
             assert (p[:, target] == -1).all() and (np.abs(p).sum(1) == 2).all()
+
+
+def test_cheap_forms_are_exact():
+    """alpha = 1 gives T = 0 and alpha = 0 gives T = -I exactly (no round-off), so form_of picks the
+    shift and collapse graphs for PRUNE and collapse records; a batch matches record-by-record results."""
+    rng = np.random.default_rng(1)
+    targets = [0, 2, 1, 2]
+    for a_value, form in ((1.0, "shift"), (0.0, "collapse")):
+        a = np.full((4, C), a_value)
+        b = rng.normal(size=(4, C))
+        T, t = affine_from_scales_many(targets, a, b, C)
+        assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, t)) == form
+        for k, target in enumerate(targets):
+            T1, t1 = affine_from_scales(target, a[k, :-1], b[k, :-1], a[k, -1], b[k, -1], C)
+            np.testing.assert_array_equal(T[k], T1)
+            np.testing.assert_allclose(t[k], t1, atol=1e-12)
+    T, _ = affine_from_scales_many(targets, rng.uniform(0.1, 0.9, size=(4, C)), rng.normal(size=(4, C)), C)
+    assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, np.zeros((4, C)))) == "affine"
