@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,11 +64,68 @@ def test_build_patch_json_and_certify(runner, tmp_path, mlp_base, mlp_bundle):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is exactly one JSON document
     assert report["points"] == 2 and report["evaluation"]["accuracy"]["forget"]["after"] == 0.0
+    assert report["already_covered"] == 0 and report["evaluation"]["forget_patched_here"] == 2
+    assert report["chain"] == {"position": 0, "after": [], "replaces": []}
     cert = runner.invoke(main, ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(out), "--json"])
     assert cert.exit_code == 0
     doc = json.loads(cert.stdout)
     assert doc["passed"] and [c["name"] for c in doc["patches"][0]["checks"]] == [
-        "format", "integrity", "binding", "structure", "certificate"]
+        "format", "integrity", "binding", "structure", "locality", "certificate"]
+    assert all(c["status"] == "pass" for c in doc["patches"][0]["checks"])
+    assert [(c["name"], c["status"]) for c in doc["set"]] == [("interference", "pass")]
+    assert doc["policy"]["max_gate_width"] == 1.0
+
+
+def test_build_patch_after_chain_certify_set_and_probe(runner, tmp_path, mlp_base, mlp_bundle, patches, forget_ids):
+    """build-patch --after: the new patch names the earlier one and is checked with it; certify checks
+    the pair as a set, and --probe refuses a set whose gates open on too many of the device's inputs."""
+    first = patches["prune"][0]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5\n17\n")
+    out = tmp_path / "next.pepatch"
+    result = runner.invoke(main, ["build-patch", "--base", str(mlp_base), "--forget", str(ids), "--mode", "prune",
+                                  "--bounds", "exact", "--after", str(first), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    first_id = patches["prune"][1]["patch_id"]
+    assert report["chain"] == {"position": 1, "after": [first_id], "replaces": []}
+    assert report["synthesis"]["bounds"] == "exact" and report["synthesis"]["lp_solves"] > 0
+    assert report["evaluation"]["accuracy"]["forget"]["after"] == 0.0
+    inspect = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert inspect["manifest"]["chain"] == report["chain"]
+
+    base = ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(first), "--patch", str(out)]
+    ds = mlp_bundle.dataset
+    np.save(tmp_path / "test.npy", ds.x_test)
+    np.save(tmp_path / "forget.npy", ds.x_train[np.r_[forget_ids, 5, 17]])
+    cert = runner.invoke(main, base + ["--probe", str(tmp_path / "test.npy"), "--json"])
+    assert cert.exit_code == 0, cert.stderr
+    doc = json.loads(cert.stdout)
+    assert doc["passed"] and [(c["name"], c["status"]) for c in doc["set"]] == [("interference", "pass"), ("probe", "pass")]
+    # the forgotten points themselves: every one opens a gate, far above --max-open
+    cert = runner.invoke(main, base + ["--probe", str(tmp_path / "forget.npy"), "--max-open", "0.5"])
+    assert cert.exit_code == EXIT_VERIFY
+    line = _one_line_error(cert)
+    assert line.startswith("error: patch set refused (probe)") and "22 of 22" in line
+    # the same patch twice is refused as a set
+    cert = runner.invoke(main, ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(out), "--patch", str(out)])
+    assert cert.exit_code == EXIT_VERIFY and "refused (interference)" in _one_line_error(cert)
+
+
+def test_certify_max_gate_width_refuses_wider_gates(runner, mlp_bundle, patches):
+    """A device policy narrower than a patch's widest gate refuses it at the locality check."""
+    from prune_edge.runtime import read_patch_file
+
+    patch = patches["collapse"][0]
+    widest = read_patch_file(patch).manifest.max_gate_width
+    assert 0 < widest <= 1.0
+    args = ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(patch), "--json"]
+    assert runner.invoke(main, args + ["--max-gate-width", str(widest * 1.001)]).exit_code == 0
+    result = runner.invoke(main, args + ["--max-gate-width", str(widest * 0.5)])
+    assert result.exit_code == EXIT_VERIFY
+    checks = {c["name"]: c["status"] for c in json.loads(result.stdout)["patches"][0]["checks"]}
+    assert checks["structure"] == "pass" and checks["locality"] == "fail" and checks["certificate"] == "skipped"
+    assert "refused (locality)" in _one_line_error(result)
 
 
 def test_certify_refuses_tampered_file(runner, tmp_path, mlp_bundle, patches):
@@ -87,13 +145,27 @@ def test_certify_refuses_tampered_file(runner, tmp_path, mlp_bundle, patches):
 
 
 def test_certify_refuses_other_base(runner, tmp_path, mlp_bundle, patches):
-    other = tmp_path / "other.onnx"
+    import shutil
+
     import onnx
 
+    from prune_edge.basedir import write_device_card
+
+    other = tmp_path / "other.onnx"
     model = onnx.load(str(mlp_bundle.onnx_path))
     model.doc_string = "a different file"  # same graph, different bytes
     onnx.save(model, str(other))
-    result = runner.invoke(main, ["certify", "--base", str(other), "--patch", str(patches["collapse"][0])])
+    args = ["certify", "--base", str(other), "--patch", str(patches["collapse"][0])]
+    # no base card beside it: the device cannot bind anything to it (its own input error, not the patch's)
+    result = runner.invoke(main, args)
+    assert result.exit_code == EXIT_FAILURE and "base card" in _one_line_error(result)
+    # the card of another base (the original's): refused, it is not this graph's card
+    shutil.copy(mlp_bundle.onnx_path.with_name("base.card.json"), tmp_path / "other.card.json")
+    result = runner.invoke(main, args)
+    assert result.exit_code == EXIT_FAILURE and "card is for base sha256" in _one_line_error(result)
+    # its own card: the patch is refused at binding
+    write_device_card(other, mlp_bundle.dataset.x_train, mlp_bundle.dataset.n_classes)
+    result = runner.invoke(main, args)
     assert result.exit_code == EXIT_VERIFY
     assert "binding" in _one_line_error(result)
 
@@ -125,7 +197,10 @@ def test_predict_labels_and_logits(runner, tmp_path, mlp_bundle):
 
 
 def test_verify_sample(runner, tmp_path, mlp_bundle, patches, forget_ids):
+    from prune_edge.runtime import read_patch_file
+
     patch, _ = patches["prune"]
+    records = read_patch_file(patch).manifest.records
     ds = mlp_bundle.dataset
     i = int(forget_ids[0])
     np.save(tmp_path / "s.npy", ds.x_train[i])
@@ -133,27 +208,44 @@ def test_verify_sample(runner, tmp_path, mlp_bundle, patches, forget_ids):
     result = runner.invoke(main, args + ["--label", str(int(ds.y_train[i]))])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["forgotten"] and doc["covered_by"] and doc["covered_by"][0]["gate"] > 0.99
-    # a retained point is not forgotten and no gate covers it
+    assert doc["status"] == "forgotten" and doc["label_differs"] and doc["label"] == int(ds.y_train[i])
+    cov = doc["covered_by"]
+    assert cov["gate"] == 1.0 and cov["certified"]
+    assert doc["patched_prediction"] == cov["target"] == records[cov["record"]].target
+    side = json.loads(Path(str(patch) + ".request.json").read_text())
+    assert cov["patch_id"] == side["patch_id"] and cov["target"] == side["targets"][str(i)]
+    # the table names the covering record and the status
+    table = runner.invoke(main, args[:-1] + ["--label", str(int(ds.y_train[i]))])
+    assert table.exit_code == 0 and "forgotten" in table.stdout and f"record {cov['record']}" in table.stdout
+    # a training point outside every request: no gate is open, the device's answer is the base's
     keep = next(j for j in range(len(ds.x_train)) if j not in set(forget_ids.tolist()))
     np.save(tmp_path / "s.npy", ds.x_train[keep])
     result = runner.invoke(main, args + ["--label", str(int(ds.y_train[keep]))])
     assert result.exit_code == EXIT_FAILURE
-    assert json.loads(result.stdout)["covered_by"] == []
+    doc = json.loads(result.stdout)
+    assert doc["status"] == "not covered" and doc["covered_by"] is None
+    assert doc["patched_prediction"] == doc["base_prediction"]
     # a label the model cannot output would always read as forgotten: refused
     result = runner.invoke(main, args + ["--label", str(ds.n_classes)])
     assert result.exit_code == EXIT_FAILURE and "expected a class in [0, 10)" in _one_line_error(result)
 
 
-def test_inspect(runner, patches):
+def test_inspect(runner, patches, mlp_bundle):
     patch, report = patches["collapse"]
     result = runner.invoke(main, ["inspect", str(patch), "--json"])
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
     assert doc["manifest"]["patch_id"] == report["patch_id"] and doc["manifest"]["mode"] == "collapse"
     assert "id_commitments" in doc["manifest"]["request"] and "ids" not in doc["manifest"]["request"]
+    assert doc["manifest"]["chain"] == {"position": 0, "after": [], "replaces": []}
+    assert doc["manifest"]["gate"]["step_log2"] == mlp_bundle.graph.card.gate_step_log2
+    assert doc["max_gate_width"] == pytest.approx(1 / min(report["gammas"])) and 0 < doc["max_gate_width"] <= 1.0
     with zipfile.ZipFile(patch) as zf:
         assert sorted(zf.namelist()) == ["manifest.json", "patch.onnx"]
+    table = runner.invoke(main, ["inspect", str(patch)])
+    assert table.exit_code == 0
+    assert "max gate width" in table.stdout and f"2^{mlp_bundle.graph.card.gate_step_log2}" in table.stdout
+    assert "position 0, after 0 patches" in table.stdout
 
 
 def test_dataset_export_roundtrip(runner, tmp_path):
@@ -198,7 +290,7 @@ def test_train_base_from_user_npz(runner, tmp_path):
     assert result.exit_code == 0, result.stderr
     card = json.loads(result.stdout)
     assert card["dataset"]["source"].endswith("d.npz") and card["input_shape"] == [1, 8, 8]
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base.onnx", "card.json", "weights.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base.card.json", "base.onnx", "card.json", "weights.pt"]
 
 
 def test_forgetting_every_training_point_reports_no_retain_accuracy(runner, tmp_path):

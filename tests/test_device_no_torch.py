@@ -47,16 +47,24 @@ def test_blocker_really_blocks(tmp_path):
     assert res.returncode != 0 and "not available on this device" in res.stderr
 
 
-def test_predict_and_certify_without_torch(tmp_path, mlp_bundle, patches):
+def test_predict_certify_and_verify_sample_without_torch(tmp_path, mlp_bundle, patches, forget_ids):
+    """A device without torch: base.onnx and its base.card.json, a patch; certify (with a probe of its
+    own inputs), predict and verify-sample all run and agree with the in-process runtime."""
     patch, _ = patches["prune"]
     x = mlp_bundle.dataset.x_test[:7]
     np.save(tmp_path / "x.npy", x)
+    i = int(forget_ids[0])
+    np.save(tmp_path / "s.npy", mlp_bundle.dataset.x_train[i])
+    label = int(mlp_bundle.dataset.y_train[i])
+    base = str(mlp_bundle.onnx_path)
     res = _run(tmp_path, f"""
         from prune_edge.cli import main
         import sys
-        for args in (["certify", "--base", {str(mlp_bundle.onnx_path)!r}, "--patch", {str(patch)!r}, "--json"],
-                     ["predict", "--base", {str(mlp_bundle.onnx_path)!r}, "--patch", {str(patch)!r},
-                      "--input", "x.npy", "--json", "--logits-out", "l.npy"]):
+        for args in (["certify", "--base", {base!r}, "--patch", {str(patch)!r}, "--probe", "x.npy", "--json"],
+                     ["predict", "--base", {base!r}, "--patch", {str(patch)!r},
+                      "--input", "x.npy", "--json", "--logits-out", "l.npy"],
+                     ["verify-sample", "--base", {base!r}, "--patch", {str(patch)!r}, "--sample", "s.npy",
+                      "--label", "{label}", "--json"]):
             try:
                 main(args)
             except SystemExit as e:
@@ -65,12 +73,14 @@ def test_predict_and_certify_without_torch(tmp_path, mlp_bundle, patches):
     """)
     assert res.returncode == 0, res.stderr
     docs = [json.loads(d) for d in res.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
-    assert docs[0]["passed"] is True
+    assert len(docs) == 3
+    assert docs[0]["passed"] is True and [c["name"] for c in docs[0]["set"]] == ["interference", "probe"]
     from prune_edge.runtime import PatchedModel
 
     expected = PatchedModel(mlp_bundle.onnx_path, [patch]).logits(x)
     assert docs[1]["labels"] == expected.argmax(1).tolist()
     np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), expected)
+    assert docs[2]["status"] == "forgotten" and docs[2]["covered_by"]["gate"] == 1.0
 
 
 def test_plain_install_requires_no_torch():

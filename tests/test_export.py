@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from prune_edge.basedir import CARD_NAME, ONNX_NAME, WEIGHTS_NAME  # noqa: E402
+from prune_edge.basedir import CARD_NAME, DEVICE_CARD_NAME, ONNX_NAME, WEIGHTS_NAME  # noqa: E402
 from prune_edge.train import TrainConfig, fit  # noqa: E402
 
 PARITY_ATOL = 1e-4
@@ -98,7 +98,33 @@ def test_single_output_single_file(mlp_base, onnx_model):
     assert len(g.initializer) > 0
     for t in g.initializer:
         assert t.data_location != onnx.TensorProto.EXTERNAL and not onnx.external_data_helper.uses_external_data(t), t.name
-    assert sorted(p.name for p in mlp_base.iterdir()) == sorted([CARD_NAME, ONNX_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in mlp_base.iterdir()) == sorted([CARD_NAME, DEVICE_CARD_NAME, ONNX_NAME, WEIGHTS_NAME])
+    assert DEVICE_CARD_NAME == "base.card.json"
+
+
+def test_device_card_binds_the_base(mlp_base, mlp_bundle, onnx_model, card):
+    """base.card.json: the base's own sha256, its Relu inputs in graph order with the card's shapes,
+    and the gates' step, chosen from the training set's Relu inputs as computed by onnxruntime."""
+    from prune_edge.runtime.base import BaseGraph
+    from prune_edge.runtime.basecard import BaseCard
+    from prune_edge.runtime.patchgraph import choose_scale_log2
+
+    dev = BaseCard.load(mlp_base / DEVICE_CARD_NAME)
+    assert dev.base_sha256 == hashlib.sha256((mlp_base / ONNX_NAME).read_bytes()).hexdigest() == card["onnx"]["sha256"]
+    assert dev.logits_name == "logits" and dev.n_classes == card["n_classes"] == 10
+    relu_in = [n.input[0] for n in onnx_model.graph.node if n.op_type == "Relu"]
+    assert [g.name for g in dev.relu_inputs] == relu_in == card["onnx"]["preacts"]
+    assert [list(g.shape) for g in dev.relu_inputs] == card["onnx"]["preact_shapes"]
+    assert card["device_card"] == {"file": DEVICE_CARD_NAME, "gate_step_log2": dev.gate_step_log2}
+    # the step: recomputed independently from every Relu input on the whole training set
+    model = copy.deepcopy(onnx_model)
+    for name in relu_in:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    out = ort_session(model).run(None, {"input": mlp_bundle.dataset.x_train})
+    z = np.concatenate([o.reshape(len(o), -1) for o in out[1:]], axis=1)
+    assert dev.gate_step_log2 == choose_scale_log2(z)
+    # the device reads it beside base.onnx and checks it against the graph
+    assert BaseGraph.load(mlp_base / ONNX_NAME).card == dev
 
 
 def test_dynamic_batch(onnx_model, mlp_bundle):

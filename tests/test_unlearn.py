@@ -1,6 +1,7 @@
 """Unlearning outcomes of real patches, recomputed independently through onnxruntime, and the soundness
 of the certificate on whole linear regions (LP vertices and convex combinations, not only the forget
-points)."""
+points), with the region as the device reads it: the sign pattern of its own float32 pre-activations,
+``z >= 0`` active."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from scipy.optimize import linprog  # noqa: E402
 
+from conftest import PRUNE_BOUNDS  # noqa: E402
 from prune_edge.basedir import load_base, train_base  # noqa: E402
 from prune_edge.evaluate import LOCALITY_ATOL  # noqa: E402
 from prune_edge.exporters.patch_export import commit_ids  # noqa: E402
@@ -23,7 +25,15 @@ from prune_edge.requests import random_forget_ids  # noqa: E402
 from prune_edge.runtime import PatchedModel, certify_patch, read_patch_file  # noqa: E402
 from prune_edge.runtime.base import BaseGraph  # noqa: E402
 from prune_edge.runtime.model import make_session  # noqa: E402
-from prune_edge.runtime.patchgraph import completed_spec, extract_params, gate_name, quantize, spec_rows  # noqa: E402
+from prune_edge.runtime.patchgraph import (  # noqa: E402
+    PREFIX,
+    completed_spec,
+    excess_of,
+    extract_params,
+    quantize,
+    sign_pattern,
+    spec_rows,
+)
 from prune_edge.synth import SynthConfig  # noqa: E402
 from prune_edge.unlearn import build_point_patch  # noqa: E402
 
@@ -46,10 +56,10 @@ def split_points(ds, forget_ids):
 def locality(base_onnx, patch_paths, x: np.ndarray) -> dict:
     base = PatchedModel(base_onnx)
     patched = PatchedModel(base_onnx, patch_paths)
-    lb, lp = base.logits(x), patched.logits(x)
+    lb, (lp, cover) = base.logits(x), patched.logits_and_coverage(x)
     delta = np.abs(lp - lb).max(axis=1)
-    gates = np.concatenate(patched.gates(x), axis=1)
-    closed = (gates == 0).all(axis=1)
+    closed = ~cover.covered
+    assert ((cover.patch == -1) == closed).all() and ((cover.record == -1) == closed).all()
     return {
         "points": len(x),
         "unchanged": int((delta <= LOCALITY_ATOL).sum()),
@@ -62,47 +72,88 @@ def locality(base_onnx, patch_paths, x: np.ndarray) -> dict:
 def patch_params(path):
     pf = read_patch_file(path)
     m = pf.manifest
-    params = extract_params(onnx.load_from_string(pf.graph_bytes), m.prefix, len(m.records), m.gated_size, m.n_classes, m.form)
+    params = extract_params(onnx.load_from_string(pf.graph_bytes), len(m.records), m.gated_size, m.n_classes, m.form)
     return m, params
 
 
-def reference_outputs(net, x: np.ndarray, start: int, params, gates: np.ndarray | None = None):
-    """float64 f + sum_k g_k (T_k f + t_k), with g_k = relu(1 - gamma_k sum_i relu(-s_ki z_i)) computed
-    from the float64 network (or the given gate values). Returns (outputs, gates, base logits)."""
+def device_preacts(onnx_path, names: list[str], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The base's own float32 values of Relu inputs ``names`` (flattened, concatenated) and its logits,
+    from a plain onnxruntime session on base.onnx: the numbers a device's gates read."""
+    model = onnx.load(str(onnx_path))
+    for name in names:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    out = make_session(model.SerializeToString()).run(None, {model.graph.input[0].name: np.ascontiguousarray(x)})
+    return np.concatenate([z.reshape(len(z), -1) for z in out[1:]], axis=1), out[0]
+
+
+def reference_gates(z32: np.ndarray, params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gate semantics, recomputed from the device's float32 pre-activations: each value read as the
+    odd integer v (``quantize``), excess_k = |v|_1 - v.s_k, pre_k = 1 - gamma_k delta/4 excess_k, and only
+    the most-open record k* = argmax pre (first on ties) acts, with g = clip(pre[k*], 0, 1).
+    Returns (k*, g, excess)."""
+    v = quantize(z32, params.scale_log2)
+    excess = excess_of(v, params.signs)
+    # the definition, independently: 2 sum_i relu(-s_ki v_i)
+    np.testing.assert_array_equal(excess, 2 * np.maximum(-(v[:, None, :] * params.signs[None].astype(np.int64)), 0).sum(2))
+    pre = 1.0 - params.gamma.astype(np.float64)[None] * (params.delta / 4) * excess
+    k = pre.argmax(axis=1)
+    g = np.clip(pre[np.arange(len(pre)), k], 0.0, 1.0)
+    return k, g, excess
+
+
+def reference_outputs(net, x: np.ndarray, params, k: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 f + g (T_k f + t_k): one record acts (k, with gate g; g = 0: the base), f from the float64
+    network. Returns (outputs, f)."""
     net64 = copy.deepcopy(net).double().eval()
     with torch.no_grad():
-        preacts, f = net64.forward_all(torch.from_numpy(x.astype(np.float64)))
-    z = torch.cat([p.flatten(1) for p in preacts[start:]], dim=1).numpy()
+        _, f = net64.forward_all(torch.from_numpy(x.astype(np.float64)))
     f = f.numpy()
-    s = params.signs.astype(np.float64)
-    if gates is None:
-        # sum_i relu(-s_i q_i) delta, q the gate's int8 quantization of z
-        q = quantize(z.astype(np.float32), params.scale_log2).astype(np.float64)
-        viol = np.maximum(-(q[:, None, :] * s[None]), 0.0).sum(axis=2) * params.delta
-        gates = np.maximum(1.0 - params.gamma.astype(np.float64)[None] * viol, 0.0)
-    out = f + np.einsum("nk,kcd,nd->nc", gates, params.T.astype(np.float64), f) + gates @ params.t.astype(np.float64)
-    return out, gates, f, z
+    T, t = params.T.astype(np.float64)[k], params.t.astype(np.float64)[k]
+    out = f + g[:, None] * (np.einsum("ncd,nd->nc", T, f) + t)
+    return out, f
 
 
-def record_members(regions, params) -> list[np.ndarray]:
-    """Forget-list positions whose activation pattern is each record's signs (first one = representative)."""
-    return [np.flatnonzero((regions.signs == params.signs[k]).all(axis=1)) for k in range(params.n_records)]
+def record_members(pattern: np.ndarray, params) -> list[np.ndarray]:
+    """Forget-list positions whose device activation pattern is each record's signs (first one = representative)."""
+    return [np.flatnonzero((pattern == params.signs[k]).all(axis=1)) for k in range(params.n_records)]
 
 
-def region_points(lp, h_rep: np.ndarray, rng: np.random.Generator, n_vertices: int = 4, n_mix: int = 8):
-    """LP vertices of the region (random objectives, HiGHS) and random convex combinations of them and
-    the representative, all cast to float32 and kept only if still inside (tolerance 1e-6)."""
-    vertices = []
+def on_device_signs(regions, pattern: np.ndarray):
+    """The regions with the patterns the device reads (its float32 values, ``z >= 0``): the LPs are then
+    over the region the gate is 1 on. The float64 pass agrees except on neurons within ~1e-6 of 0."""
+    disagree = (regions.signs != pattern) & (np.abs(regions.off_z.numpy() + np.einsum(
+        "bmd,bd->bm", regions.jac_z.numpy(), regions.h.numpy())) > 1e-6)
+    assert not disagree.any(), "float64 and the device's float32 disagree on a pre-activation away from 0"
+    regions.signs = pattern.copy()
+    return regions
+
+
+def region_points(lp, h_rep: np.ndarray, rng: np.random.Generator, n_vertices: int = 4, n_mix: int = 8,
+                  shrink: float = 1e-5):
+    """Points of a region polytope: vertices (random objectives, HiGHS) of the polytope with every
+    constraint tightened by ``shrink`` times that neuron's scale (so float32 round-off cannot carry them
+    across the boundary), random convex combinations of those and the representative, and the exact
+    vertices themselves (on the boundary). All float32, and kept only if inside the LP (tolerance 1e-6).
+    Returns (points, vertices of the tightened polytope, which points are exact boundary vertices)."""
+    # Each constraint in units of its neuron's scale, so HiGHS's absolute 1e-7 feasibility tolerance
+    # means the same for a dead unit (|z| ~ 1e-11 everywhere) as for any other.
+    scale = np.abs(lp.b_ub) + np.abs(lp.a_ub) @ np.abs(lp.bounds).max(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    a, b = lp.a_ub / scale[:, None], lp.b_ub / scale
+    inner, exact = [], []
     for _ in range(n_vertices):
-        res = linprog(rng.normal(size=lp.a_ub.shape[1]), A_ub=lp.a_ub, b_ub=lp.b_ub, bounds=lp.bounds, method="highs")
-        assert res.status == 0, res.message
-        vertices.append(res.x)
-    vertices = np.array(vertices)
-    hull = np.vstack([vertices, h_rep[None]])
+        c = rng.normal(size=a.shape[1])
+        for rhs, out in ((b - shrink, inner), (b, exact)):
+            res = linprog(c, A_ub=a, b_ub=rhs, bounds=lp.bounds, method="highs")
+            assert res.status == 0, res.message
+            out.append(res.x)
+    inner = np.array(inner)
+    hull = np.vstack([inner, h_rep[None]])
     mixes = rng.dirichlet(np.ones(len(hull)), size=n_mix) @ hull
-    pts = np.vstack([vertices, mixes]).astype(np.float32)
-    keep = [lp.contains(p.astype(np.float64), tol=1e-6) for p in pts]
-    return pts[np.array(keep)], vertices
+    pts = np.vstack([inner, mixes, np.array(exact)]).astype(np.float32)
+    on_boundary = np.arange(len(pts)) >= len(inner) + n_mix
+    keep = np.array([lp.contains(p.astype(np.float64), tol=1e-6) for p in pts])
+    return pts[keep], inner, on_boundary[keep]
 
 
 # ----------------------------------------------------------------------------- forgetting
@@ -111,7 +162,8 @@ def test_forget_accuracy_zero(patches, mlp_bundle, forget_ids, mode):
     path, report = patches[mode]
     ev = report["evaluation"]
     assert ev["accuracy"]["forget"]["after"] == 0.0
-    assert ev["forget_points"] == len(forget_ids) == 20
+    assert ev["forget_points"] == ev["forget_patched_here"] == len(forget_ids) == 20
+    assert report["already_covered"] == 0 and report["chain"] == {"position": 0, "after": [], "replaces": []}
     ds = mlp_bundle.dataset
     x, y = ds.x_train[forget_ids], ds.y_train[forget_ids]
     pred = PatchedModel(mlp_bundle.onnx_path, [path]).predict(x)
@@ -126,19 +178,27 @@ def test_forget_points_get_their_target(patches, mlp_bundle, forget_ids, mode):
     path, report = patches[mode]
     side = sidecar(path)
     manifest = read_patch_file(path).manifest
-    assert side["patch_id"] == manifest.patch_id
+    assert side["patch_id"] == manifest.patch_id and side["covered_by_earlier"] == {}
     assert side["ids"] == [int(i) for i in forget_ids]
     targets = np.array([side["targets"][str(int(i))] for i in forget_ids])
     ds = mlp_bundle.dataset
     x, y = ds.x_train[forget_ids], ds.y_train[forget_ids]
-    pred = PatchedModel(mlp_bundle.onnx_path, [path]).predict(x)
-    np.testing.assert_array_equal(pred, targets)
+    logits, cover = PatchedModel(mlp_bundle.onnx_path, [path]).logits_and_coverage(x)
+    np.testing.assert_array_equal(logits.argmax(1), targets)
     assert report["evaluation"]["forget_to_target"] == len(forget_ids)
     base_pred = PatchedModel(mlp_bundle.onnx_path).predict(x)
     assert (targets != y).all() and (targets != base_pred).all()
     # Every target is some record's target, and record point counts add up.
     assert set(targets.tolist()) <= {r.target for r in manifest.records}
     assert sum(r.points for r in manifest.records) == len(forget_ids)
+    # Each forget point lies in its record's region as the device reads it: that record acts, its gate
+    # exactly 1 (the certificate covers the point, not a partly open gate), with its target.
+    assert (cover.patch == 0).all() and (cover.gate == 1.0).all()
+    assert [manifest.records[r].target for r in cover.record] == targets.tolist()
+    names = [g.name for g in manifest.gated]
+    z, _ = device_preacts(mlp_bundle.onnx_path, names, x)
+    _, params = patch_params(path)
+    np.testing.assert_array_equal(params.signs[cover.record], sign_pattern(z))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -177,27 +237,81 @@ def test_patch_is_small(patches, mlp_bundle, mode):
 
 
 def test_chained_patches(patches, mlp_bundle, forget_ids):
-    """Both patches composed in order: still forgotten (to the shared targets) and still local."""
+    """Both patches for the same points composed: same regions and same targets (same seed), so they
+    may run together; the first patch's record acts (first on ties), forgotten and still local."""
     paths = [patches["prune"][0], patches["collapse"][0]]
     ds = mlp_bundle.dataset
     model = PatchedModel(mlp_bundle.onnx_path, paths)
     assert model.n_records == sum(len(read_patch_file(p).manifest.records) for p in paths)
-    side = sidecar(paths[1])
-    targets = np.array([side["targets"][str(int(i))] for i in forget_ids])
-    np.testing.assert_array_equal(model.predict(ds.x_train[forget_ids]), targets)
+    sides = [sidecar(p) for p in paths]
+    assert sides[0]["targets"] == sides[1]["targets"]
+    targets = np.array([sides[1]["targets"][str(int(i))] for i in forget_ids])
+    x = ds.x_train[forget_ids]
+    logits, cover = model.logits_and_coverage(x)
+    np.testing.assert_array_equal(logits.argmax(1), targets)
+    assert (cover.patch == 0).all() and (cover.gate == 1.0).all()
+    # the first patch acts alone: its logits, bit for bit
+    np.testing.assert_array_equal(logits, PatchedModel(mlp_bundle.onnx_path, paths[:1]).logits(x))
     loc = locality(mlp_bundle.onnx_path, paths, ds.x_test)
+    assert loc["unchanged"] * 1000 >= 999 * loc["points"] and loc["closed_bit_identical"]
+
+
+def test_chain_built_after_an_earlier_patch(chain, mlp_bundle, forget_ids, second_ids):
+    """A second request built --after the first patch: its manifest names the first, points already in
+    one of the first patch's regions are answered by it (not patched again), and a device running both
+    forgets both requests, each point to its own record's target with that gate exactly open."""
+    ds = mlp_bundle.dataset
+    first, second, report = chain["first"], chain["second"], chain["report"]
+    m1, m2 = read_patch_file(first).manifest, read_patch_file(second).manifest
+    assert m2.chain == report["chain"] == {"position": 1, "after": [m1.patch_id], "replaces": []}
+    # already covered: recomputed from the device's own patterns against the first patch's records
+    _, p1 = patch_params(first)
+    z2, _ = device_preacts(mlp_bundle.onnx_path, [g.name for g in m1.gated], ds.x_train[second_ids])
+    inside = [np.flatnonzero((p1.signs == s).all(axis=1)) for s in sign_pattern(z2)]
+    covered = {int(second_ids[i]): int(r[0]) for i, r in enumerate(inside) if len(r)}
+    assert report["already_covered"] == len(covered)
+    side = sidecar(second)
+    assert {int(i): v["record"] for i, v in side["covered_by_earlier"].items()} == covered
+    ev = report["evaluation"]
+    assert ev["forget_patched_here"] == len(second_ids) - len(covered) == sum(r.points for r in m2.records)
+    assert ev["forget_to_target"] == ev["forget_patched_here"] and ev["accuracy"]["forget"]["after"] == 0.0
+
+    model = PatchedModel(mlp_bundle.onnx_path, [first, second])
+    t1 = sidecar(first)["targets"]
+    for ids, expected_patch in ((forget_ids, 0), (second_ids, 1)):
+        x, y = ds.x_train[ids], ds.y_train[ids]
+        logits, cover = model.logits_and_coverage(x)
+        pred = logits.argmax(1)
+        assert (pred != y).all()
+        assert (cover.gate == 1.0).all()
+        for i, p, pt, r in zip(ids.tolist(), pred.tolist(), cover.patch.tolist(), cover.record.tolist()):
+            if expected_patch == 0:
+                assert pt == 0 and p == t1[str(i)]
+            elif i in covered:
+                assert pt == 0 and r == covered[i] and p == m1.records[r].target
+            else:
+                assert pt == 1 and p == side["targets"][str(i)] == m2.records[r].target
+    # order on the device does not matter where a gate is fully open: the regions do not meet
+    swapped = PatchedModel(mlp_bundle.onnx_path, [second, first])
+    both = ds.x_train[np.concatenate([forget_ids, second_ids])]
+    np.testing.assert_array_equal(swapped.predict(both), model.predict(both))
+    loc = locality(mlp_bundle.onnx_path, [first, second], ds.x_test)
     assert loc["unchanged"] * 1000 >= 999 * loc["points"] and loc["closed_bit_identical"]
 
 
 # ----------------------------------------------------------------------------- soundness on regions
 @pytest.fixture(scope="module")
 def regions_of(mlp_bundle, forget_ids):
+    """The forget points' regions (float64 affine maps) with the patterns the device reads."""
     cache = {}
 
     def get(manifest):
-        start = mlp_bundle.card["onnx"]["preacts"].index(manifest.gated[0].name)
+        names = [g.name for g in manifest.gated]
+        start = mlp_bundle.card["onnx"]["preacts"].index(names[0])
         if start not in cache:
-            cache[start] = compute_regions(mlp_bundle.net, mlp_bundle.dataset.x_train[forget_ids], start)
+            x = mlp_bundle.dataset.x_train[forget_ids]
+            z, _ = device_preacts(mlp_bundle.onnx_path, names, x)
+            cache[start] = on_device_signs(compute_regions(mlp_bundle.net, x, start), sign_pattern(z))
         return start, cache[start]
 
     return get
@@ -208,84 +322,98 @@ SOUND_RECORDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def prune_region_samples(patches, mlp_bundle, regions_of):
-    """Per checked record of the prune patch: its region LP, sample points (float32) and device outputs."""
+    """Per checked record of the prune patch: its region LP, sample points (float32), the device's own
+    pattern on them, and the composed model's outputs and coverage."""
     path = patches["prune"][0]
     manifest, params = patch_params(path)
     start, regions = regions_of(manifest)
     assert start == 0, "default gate layers 'all': regions live in input space"
-    members = record_members(regions, params)
+    members = record_members(regions.signs, params)
     model = PatchedModel(mlp_bundle.onnx_path, [path])
+    names = [g.name for g in manifest.gated]
     rng = np.random.default_rng(0)
     out = {}
     for k in SOUND_RECORDS:
         assert len(members[k]) == manifest.records[k].points >= 1
         rep = int(members[k][0])
         lp = region_lp(regions, rep)
-        pts, vertices = region_points(lp, regions.h[rep].numpy(), rng)
+        pts, vertices, on_boundary = region_points(lp, regions.h[rep].numpy(), rng)
         x = pts.reshape(-1, *mlp_bundle.dataset.input_shape)
+        z32, _ = device_preacts(mlp_bundle.onnx_path, names, x)
+        logits, cover = model.logits_and_coverage(x)
         out[k] = {
             "lp": lp, "rep": rep, "h_rep": regions.h[rep].numpy(), "pts": pts, "x": x, "vertices": vertices,
-            "logits": model.logits(x), "gates": model.gates(x)[0],
+            "z32": z32, "inside": (sign_pattern(z32) == params.signs[k]).all(axis=1), "on_boundary": on_boundary,
+            "logits": logits, "cover": cover,
         }
     return manifest, params, out
 
 
 @pytest.mark.parametrize("k", SOUND_RECORDS)
-def test_region_samples_are_in_the_region(prune_region_samples, mlp_bundle, k):
+def test_region_samples_are_in_the_region(prune_region_samples, k):
     manifest, params, samples = prune_region_samples
     s = samples[k]
-    assert len(s["pts"]) >= 8, "too few sample points survived the float32 cast"
-    # (i) inside the region polytope, and really spread over it (vertices are far from the representative).
+    # (i) inside the region polytope, really spread over it (vertices are far from the representative),
+    # and inside the region as the device reads it (its float32 pattern is the record's), but for
+    # exact vertices that float32 round-off may carry across a boundary.
     assert all(s["lp"].contains(p.astype(np.float64), tol=1e-6) for p in s["pts"])
     assert np.abs(s["vertices"] - s["h_rep"][None]).max(axis=1).min() > 0.1
     assert len({v.tobytes() for v in s["vertices"]}) == len(s["vertices"]), "distinct vertices"
-    # The polytope IS the activation pattern: float64 pre-activations have the record's signs
-    # (up to neurons sitting on the boundary, |z| <= 1e-6).
-    _, _, _, z = reference_outputs(mlp_bundle.net, s["x"], 0, params)
-    signs = params.signs[k].astype(np.float64)
-    wrong = (np.where(z > 0, 1.0, -1.0) != signs[None]) & (np.abs(z) > 1e-6)
-    assert not wrong.any()
+    assert (~s["on_boundary"]).sum() >= 10, "too few sample points survived the float32 cast"
+    # tightened vertices and the mixes: never carried across a boundary by float32
+    assert s["inside"][~s["on_boundary"]].all()
 
 
 @pytest.mark.parametrize("k", SOUND_RECORDS)
 def test_target_wins_on_whole_region(prune_region_samples, mlp_bundle, k):
-    """(ii) soundness: on every sampled region point the composed ONNX model predicts the record's
-    target, and every specification row is <= q_upper (and >= q_lower)."""
+    """(ii) soundness: on every sampled point of the region as the device reads it, the record acts with
+    its gate exactly 1, the composed ONNX model predicts the record's target, and every specification row
+    is <= q_upper (and >= q_lower). Off the region (float32 across a boundary) its gate is below 1."""
     manifest, params, samples = prune_region_samples
     s, rec = samples[k], manifest.records[k]
-    logits = s["logits"]
+    inside, cover = s["inside"], s["cover"]
+    assert (cover.patch[inside] == 0).all() and (cover.record[inside] == k).all() and (cover.gate[inside] == 1.0).all()
+    assert not ((cover.record[~inside] == k) & (cover.gate[~inside] == 1.0)).any()
+    logits = s["logits"][inside]
     assert (logits.argmax(1) == rec.target).all()
     rows = logits.astype(np.float64) @ spec_rows(rec.target, manifest.n_classes).T
     assert rows.max() <= manifest.q_upper + SPEC_TOL
     assert rows.min() >= manifest.q_lower - SPEC_TOL
-    # The base's own rows lie inside the certified LP bounds on the region.
-    _, _, f, _ = reference_outputs(mlp_bundle.net, s["x"], 0, params)
+    # The base's own rows lie inside the certified bounds on the region.
+    _, f = reference_outputs(mlp_bundle.net, s["x"][inside], params, np.zeros(inside.sum(), int), np.zeros(inside.sum()))
     base_rows = f @ spec_rows(rec.target, manifest.n_classes).T
-    assert (base_rows >= np.asarray(rec.lower) - 1e-6).all() and (base_rows <= np.asarray(rec.upper) + 1e-6).all()
+    assert (base_rows >= np.asarray(rec.lower) - 1e-5).all() and (base_rows <= np.asarray(rec.upper) + 1e-5).all()
 
 
 @pytest.mark.parametrize("k", SOUND_RECORDS)
-def test_device_output_matches_reference_given_its_gates(prune_region_samples, mlp_bundle, k):
-    """(iii-a) the composed graph computes f + sum_k g_k (T_k f + t_k) exactly as the float64 reference
-    does when both use the same gate values (the device's, tapped from the graph)."""
+def test_device_output_matches_reference_given_its_coverage(prune_region_samples, mlp_bundle, k):
+    """(iii-a) the composed graph computes f + g (T_k f + t_k) for the one acting record k exactly as the
+    float64 reference does when both use the device's (record, gate), on every sample point."""
     manifest, params, samples = prune_region_samples
     s = samples[k]
-    ref, _, _, _ = reference_outputs(mlp_bundle.net, s["x"], 0, params, gates=s["gates"].astype(np.float64))
+    cover = s["cover"]
+    acting = np.where(cover.covered, cover.record, 0)
+    ref, _ = reference_outputs(mlp_bundle.net, s["x"], params, acting, cover.gate.astype(np.float64))
     np.testing.assert_allclose(s["logits"], ref, rtol=0, atol=REF_ATOL)
-    # Only the record's own gate is open on its region; the gate is (numerically) fully open.
-    others = np.delete(s["gates"], k, axis=1)
-    assert (others == 0).all()
-    assert (s["gates"][:, k] == 1.0).all()  # exactly open: the gate's integer excess is 0 on the region
 
 
 def test_gate_exactly_open_and_output_exact_on_region(prune_region_samples, mlp_bundle):
-    """(iii) on every sampled point of every checked region: the device gate is exactly 1 (to 1e-6) and
-    the composed ONNX output equals the float64 reference f + sum_k g_k (T_k f + t_k) within 1e-4."""
+    """(iii) the gate semantics recomputed from the device's float32 pre-activations (quantize, excess,
+    pre, the argmax record acts) agree with the device's coverage on every sample point; on the region
+    the excess is exactly 0, so the gate is exactly 1, and the composed ONNX output equals the float64
+    reference within 1e-4."""
     manifest, params, samples = prune_region_samples
     for k, s in samples.items():
-        ref, g, _, _ = reference_outputs(mlp_bundle.net, s["x"], 0, params)
-        assert np.abs(g[:, k] - 1.0).max() <= 1e-6  # float64: open (vertices sit on |z| ~ 1e-9 boundaries)
-        np.testing.assert_allclose(s["gates"][:, k], 1.0, rtol=0, atol=1e-6)
+        kr, g, excess = reference_gates(s["z32"], params)
+        inside = s["inside"]
+        assert (excess[inside, k] == 0).all() and (excess[~inside, k] >= 2).all()  # 0 exactly on the region
+        others = np.delete(excess, k, axis=1)
+        assert (others[inside] >= 2).all()  # no other record's gate is 1 there
+        assert (kr[inside] == k).all() and (g[inside] == 1.0).all()
+        cover = s["cover"]
+        np.testing.assert_allclose(cover.gate, g, rtol=0, atol=1e-6)
+        assert (cover.record[g > 0] == kr[g > 0]).all() and (cover.record[g == 0] == -1).all()
+        ref, _ = reference_outputs(mlp_bundle.net, s["x"], params, kr, g)
         np.testing.assert_allclose(s["logits"], ref, rtol=0, atol=REF_ATOL)
 
 
@@ -298,35 +426,44 @@ def test_narrow_gate_still_forgets(mlp_bundle, forget_ids, tmp_path):
     assert report["gammas"] == [1000.0] * report["records"]
     model = PatchedModel(mlp_bundle.onnx_path, [path])
     x = mlp_bundle.dataset.x_train[forget_ids]
-    own = model.gates(x)[0].max(axis=1)
-    assert (model.predict(x) != mlp_bundle.dataset.y_train[forget_ids]).all()
-    np.testing.assert_allclose(own, 1.0, rtol=0, atol=1e-6)
+    logits, cover = model.logits_and_coverage(x)
+    assert (logits.argmax(1) != mlp_bundle.dataset.y_train[forget_ids]).all()
+    assert (cover.gate == 1.0).all() and (cover.patch == 0).all()
+    assert sorted(set(cover.record.tolist())) == list(range(report["records"]))
 
 
 def test_collapse_output_is_constant_on_region(patches, mlp_bundle, regions_of, forget_ids):
-    """collapse: on a record's region the patched logits are the record's constant Pbar^-1 [beta; mean]
-    (the target beats every class by exactly the margin), on its forget point and on region samples."""
+    """collapse: on a record's region (as the device reads it) the patched logits are the record's
+    constant Pbar^-1 [beta; mean] (the target beats every class by the margin), on its forget point and
+    on region samples."""
     path = patches["collapse"][0]
     manifest, params = patch_params(path)
     start, regions = regions_of(manifest)
-    members = record_members(regions, params)
+    members = record_members(regions.signs, params)
     model = PatchedModel(mlp_bundle.onnx_path, [path])
+    names = [g.name for g in manifest.gated]
     rng = np.random.default_rng(1)
     x_forget = mlp_bundle.dataset.x_train[forget_ids]
     for k in SOUND_RECORDS:
         rec = manifest.records[k]
         const = np.linalg.solve(completed_spec(rec.target, manifest.n_classes), np.append(rec.beta, rec.mean_shift))
         rep = int(members[k][0])
-        pts, _ = region_points(region_lp(regions, rep), regions.h[rep].numpy(), rng, n_vertices=3, n_mix=4)
+        pts, _, on_boundary = region_points(region_lp(regions, rep), regions.h[rep].numpy(), rng, n_vertices=3, n_mix=4)
         x = np.concatenate([x_forget[members[k]], pts.reshape(-1, *mlp_bundle.dataset.input_shape)])
-        out = model.logits(x)
-        assert len(x) >= 5
+        z32, _ = device_preacts(mlp_bundle.onnx_path, names, x)
+        inside = (sign_pattern(z32) == params.signs[k]).all(axis=1)
+        interior = np.r_[np.ones(len(members[k]), bool), ~on_boundary]
+        assert inside[interior].all() and interior.sum() >= 8
+        x = x[inside]
+        out, cover = model.logits_and_coverage(x)
+        assert (cover.record == k).all() and (cover.gate == 1.0).all()
         assert (out.argmax(1) == rec.target).all()
         # The gate is exactly 1 on the region, so only float32 rounding of t remains.
         np.testing.assert_allclose(out, np.broadcast_to(const, out.shape), rtol=0, atol=1e-4)
         assert np.ptp(out, axis=0).max() <= 1e-4
         rows = out.astype(np.float64) @ spec_rows(rec.target, manifest.n_classes).T
-        np.testing.assert_allclose(rows, manifest.q_upper, atol=1e-4)
+        np.testing.assert_allclose(rows, np.broadcast_to(rec.beta, rows.shape), atol=1e-4)
+        assert rows.max() <= manifest.q_upper and np.asarray(rec.beta).max() >= manifest.q_upper - 1e-3
 
 
 # ----------------------------------------------------------------------------- CNN, gated at the head
@@ -339,7 +476,7 @@ def cnn(tmp_path_factory):
     built = {}
     for mode, n in (("collapse", 10), ("prune", 3)):
         path = root / f"cnn-{mode}.pepatch"
-        cfg = SynthConfig(mode=mode, gate_layers="last:1", seed=0, lp_workers=1)
+        cfg = SynthConfig(mode=mode, gate_layers="last:1", seed=0, lp_workers=1, bounds=PRUNE_BOUNDS)
         report = build_point_patch(bundle, ids[:n], cfg, path, device="cpu", progress=False)
         built[mode] = (path, report, ids[:n])
     return bundle, built
@@ -355,8 +492,10 @@ def test_cnn_patch_forgets_locally(cnn, mode, record_property):
     manifest = read_patch_file(path).manifest
     assert [g.name for g in manifest.gated] == [bundle.card["onnx"]["preacts"][-1]]
     assert certify_patch(path, BaseGraph.load(bundle.onnx_path)).passed
-    pred = PatchedModel(bundle.onnx_path, [path]).predict(ds.x_train[ids])
+    logits, cover = PatchedModel(bundle.onnx_path, [path]).logits_and_coverage(ds.x_train[ids])
+    pred = logits.argmax(1)
     assert (pred != ds.y_train[ids]).all()
+    assert (cover.gate == 1.0).all()
     side = sidecar(path)
     np.testing.assert_array_equal(pred, [side["targets"][str(int(i))] for i in ids])
     assert report["evaluation"]["accuracy"]["forget"]["after"] == 0.0
@@ -374,16 +513,20 @@ def test_cnn_patch_forgets_locally(cnn, mode, record_property):
 @pytest.fixture(scope="module")
 def cnn_region_samples(cnn):
     """Per record of the CNN prune patch (gated at the head): points of its region in the feature space
-    of the gated layer's input, and the patch graph run alone on the float32 head tensors there."""
+    of the gated layer's input, and the patch graph run alone on the float32 head tensors there, with
+    its acting record and gate exposed."""
     bundle, built = cnn
     path, _, ids = built["prune"]
     manifest, params = patch_params(path)
     start = bundle.card["onnx"]["preacts"].index(manifest.gated[0].name)
     assert start == bundle.net.n_hidden - 1
-    regions = compute_regions(bundle.net, bundle.dataset.x_train[ids], start)
-    members = record_members(regions, params)
+    x_ids = bundle.dataset.x_train[ids]
+    z_ids, _ = device_preacts(bundle.onnx_path, [g.name for g in manifest.gated], x_ids)
+    regions = on_device_signs(compute_regions(bundle.net, x_ids, start), sign_pattern(z_ids))
+    members = record_members(regions.signs, params)
     graph = onnx.load_from_string(read_patch_file(path).graph_bytes)
-    graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(gate_name(manifest.prefix)))
+    for name in ("gate_max", "k"):
+        graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(PREFIX + name))
     sess = make_session(graph.SerializeToString())
     rng = np.random.default_rng(2)
     net64 = copy.deepcopy(bundle.net).double().eval()
@@ -391,41 +534,47 @@ def cnn_region_samples(cnn):
     for k in range(len(manifest.records)):
         rep = int(members[k][0])
         lp = region_lp(regions, rep)
-        pts, _ = region_points(lp, regions.h[rep].numpy(), rng, n_vertices=3, n_mix=5)
-        assert len(pts) >= 5
+        pts, _, on_boundary = region_points(lp, regions.h[rep].numpy(), rng, n_vertices=3, n_mix=5)
         with torch.no_grad():
             pre32, f32 = bundle.net.forward_from(start, torch.from_numpy(pts))
             _, f64 = net64.forward_from(start, torch.from_numpy(pts.astype(np.float64)))
         feeds = {manifest.logits_name: f32.numpy()}
         feeds.update({g.name: p.numpy() for g, p in zip(manifest.gated, pre32)})
-        out, gates = sess.run(None, feeds)
-        samples[k] = {"out": out, "gates": gates, "f64": f64.numpy()}
+        out, gate, acting = sess.run(None, feeds)
+        z32 = np.concatenate([p.numpy().reshape(len(pts), -1) for p in pre32], axis=1)
+        inside = (sign_pattern(z32) == params.signs[k]).all(axis=1)
+        assert inside[~on_boundary].all() and (~on_boundary).sum() >= 5, f"record {k}: {inside.sum()} of {len(pts)} points on the region"
+        samples[k] = {"out": out, "gate": gate.reshape(-1), "k": acting, "f64": f64.numpy(), "z32": z32, "inside": inside}
     return manifest, params, samples
 
 
 @pytest.mark.slow
 def test_cnn_prune_sound_in_feature_space(cnn_region_samples):
     """Feature-space soundness: on sampled points of each record's region (input space of the gated
-    layer) the target wins with every specification row <= q_upper, and the patch graph's output is the
-    float64 reference f + sum_k g_k (T_k f + t_k) given the device's gate values."""
+    layer, pattern as the gate reads it) the target wins with every specification row <= q_upper, and
+    the patch graph's output is the float64 reference f + g (T_k f + t_k) given the acting record and gate."""
     manifest, params, samples = cnn_region_samples
     for k, rec in enumerate(manifest.records):
         s = samples[k]
-        out = s["out"]
+        inside = s["inside"]
+        out = s["out"][inside]
         assert (out.argmax(1) == rec.target).all()
         rows = out.astype(np.float64) @ spec_rows(rec.target, manifest.n_classes).T
         assert rows.max() <= manifest.q_upper + SPEC_TOL
-        f, g = s["f64"], s["gates"].astype(np.float64)
-        assert (g[:, k] > 0.5).all()  # the record's own gate is open there (exactly 1: see below)
-        ref = f + np.einsum("nk,kcd,nd->nc", g, params.T.astype(np.float64), f) + g @ params.t.astype(np.float64)
-        np.testing.assert_allclose(out, ref, rtol=0, atol=REF_ATOL)
+        assert (s["k"][inside] == k).all()
+        f, g, kk = s["f64"], s["gate"].astype(np.float64), s["k"]
+        ref = f + g[:, None] * (np.einsum("ncd,nd->nc", params.T.astype(np.float64)[kk], f) + params.t.astype(np.float64)[kk])
+        np.testing.assert_allclose(s["out"], ref, rtol=0, atol=REF_ATOL)
 
 
 @pytest.mark.slow
 def test_cnn_gate_exactly_open_on_region(cnn_region_samples):
     manifest, params, samples = cnn_region_samples
-    for k in samples:
-        np.testing.assert_allclose(samples[k]["gates"][:, k], 1.0, rtol=0, atol=1e-6)
+    for k, s in samples.items():
+        kr, g, _ = reference_gates(s["z32"], params)
+        assert (s["gate"][s["inside"]] == 1.0).all() and (kr[s["inside"]] == k).all()
+        np.testing.assert_allclose(s["gate"], g, rtol=0, atol=1e-6)
+        assert not ((s["k"][~s["inside"]] == k) & (s["gate"][~s["inside"]] == 1.0)).any()
 
 
 def test_synthesis_is_deterministic_by_seed(mlp_bundle, forget_ids):
@@ -434,7 +583,8 @@ def test_synthesis_is_deterministic_by_seed(mlp_bundle, forget_ids):
 
     ds = mlp_bundle.dataset
     ids = forget_ids[:6]
-    runs = [synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, SynthConfig(mode="collapse", seed=s), progress=False)
+    runs = [synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, SynthConfig(mode="collapse", seed=s),
+                       mlp_bundle.activations, progress=False)
             for s in (0, 0, 1)]
     a, b, c = (r.params() for r in runs)
     for x, y in ((a.signs, b.signs), (a.gamma, b.gamma), (a.T, b.T), (a.t, b.t)):
@@ -443,35 +593,53 @@ def test_synthesis_is_deterministic_by_seed(mlp_bundle, forget_ids):
     assert [r.target for r in runs[0].records] != [r.target for r in runs[2].records]
 
 
+def fresh_activations(bundle):
+    from prune_edge.activations import TrainActivations
+
+    card = bundle.graph.card
+    return TrainActivations(bundle.graph, bundle.dataset.x_train, card.gate_step_log2, [g.name for g in card.relu_inputs])
+
+
 def test_cached_training_activations_match_a_fresh_pass(mlp_bundle, forget_ids):
-    """The server's per-base cache gives the same patterns, violations and records as computing
-    everything from scratch, and its violations are the definition sum_i relu(-s_i q_i) delta on the
-    gate's int8 quantization q of z."""
+    """The server's per-base cache holds the device's own numbers (onnxruntime on base.onnx, the card's
+    step): the same patterns, violations and records as computing everything from scratch, and its
+    violations are the definition |v|_1 - v.s = 2 sum_i relu(-s_i v_i) on the odd integers v the gate reads."""
     import torch
 
-    from prune_edge.activations import TrainActivations
     from prune_edge.synth import synthesize
 
     ds = mlp_bundle.dataset
     view = mlp_bundle.activations.view(1)
+    card = mlp_bundle.graph.card
+    assert view.scale_log2 == card.gate_step_log2
+    z_dev, logits_dev = device_preacts(mlp_bundle.onnx_path, ["preact_1"], ds.x_train[:50])
+    np.testing.assert_array_equal(view.z[:50], z_dev)  # bit for bit the device's values
+    np.testing.assert_array_equal(view.logits[:50], logits_dev)
     with torch.no_grad():
         preacts, logits = mlp_bundle.net.forward_all(torch.from_numpy(ds.x_train[:50]))
-    np.testing.assert_array_equal(view.z[:50], preacts[1].numpy())
-    np.testing.assert_array_equal(view.logits[:50], logits.numpy())
+    np.testing.assert_allclose(view.z[:50], preacts[1].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(view.logits[:50], logits.numpy(), rtol=0, atol=1e-4)
     signs = view.signs(forget_ids[:3])
     assert set(np.unique(signs)) <= {-1, 1}
-    q = quantize(view.z[:200], view.scale_log2).astype(np.float64)
-    assert np.abs(q).max() <= 128 and (q != 0).mean() > 0.5  # the step resolves most values
-    direct = np.maximum(-signs[None, :, :] * q[:, None, :], 0).sum(2)
+    np.testing.assert_array_equal(signs, sign_pattern(view.z[forget_ids[:3]]))
+    # the odd integers: sign(v) is exactly [z >= 0] on every training value (dead units included), and the
+    # step resolves most values (|v| > 1)
+    z = view.z
+    v = quantize(z, view.scale_log2)
+    np.testing.assert_array_equal(np.where(v > 0, 1, -1), sign_pattern(z))
+    assert np.all((v % 2 == 1) | (v == -128)) and np.abs(v).max() <= 128
+    assert (np.abs(v) > 1).mean() > 0.5
+    np.testing.assert_array_equal(view.q, v)
+    direct = np.maximum(-signs[None, :, :].astype(np.int64) * v[:200, None, :], 0).sum(2)
     steps = view.violation_steps(signs)
     np.testing.assert_array_equal(steps[:200], 2 * direct)  # exact: integer sums
-    assert np.all(steps[forget_ids[:3], np.arange(3)] == 0)
+    np.testing.assert_array_equal(steps, excess_of(v, signs))
+    assert np.all(steps[forget_ids[:3], np.arange(3)] == 0)  # 0 exactly on the own pattern
 
     ids = forget_ids[:6]
     cfg = SynthConfig(mode="collapse")
-    cached = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, progress=False, activations=mlp_bundle.activations)
-    fresh = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, progress=False,
-                       activations=TrainActivations(mlp_bundle.net, ds.x_train))
+    cached = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, mlp_bundle.activations, progress=False)
+    fresh = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, ids, cfg, fresh_activations(mlp_bundle), progress=False)
     for a, b in zip((cached.params().signs, cached.params().gamma, cached.params().t),
                     (fresh.params().signs, fresh.params().gamma, fresh.params().t)):
         np.testing.assert_array_equal(a, b)
@@ -481,14 +649,14 @@ def test_violation_index_gives_exactly_the_product_minima(mlp_bundle, forget_ids
     """The per-base nearest-violation index is a shortcut, never an approximation: gate widths and
     minima equal the full product's, including rows it must hand back to the product (a pattern that
     is not its row's own, an index row made only of excluded points)."""
-    from prune_edge.activations import NO_POINT, TrainActivations
+    from prune_edge.activations import NO_POINT
     from prune_edge.synth import synthesize
 
     ds = mlp_bundle.dataset
-    fresh = TrainActivations(mlp_bundle.net, ds.x_train)  # not the shared bundle's: this test indexes it
+    fresh = fresh_activations(mlp_bundle)  # not the shared bundle's: this test indexes it
     view = fresh.view(0)
     cfg = SynthConfig(mode="collapse")
-    plain = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, progress=False, activations=fresh)
+    plain = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, fresh, progress=False)
     view.build_index(k=3, chunk=700)
     assert view.nearest_steps.shape == (len(ds.x_train), 3)
     assert np.all(np.diff(view.nearest_steps, axis=1) >= 0) and np.all(view.nearest_steps[:, 0] == 0)
@@ -501,7 +669,7 @@ def test_violation_index_gives_exactly_the_product_minima(mlp_bundle, forget_ids
         return product(signs)
 
     view.violation_steps = counted
-    indexed = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, progress=False, activations=fresh)
+    indexed = synthesize(mlp_bundle.net, ds.x_train, ds.y_train, forget_ids, cfg, fresh, progress=False)
     np.testing.assert_array_equal(plain.params().gamma, indexed.params().gamma)
     assert fallback_rows == [], "every gate width should have come from the index"
 
