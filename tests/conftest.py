@@ -47,7 +47,7 @@ def forget_file(workdir, forget_ids) -> Path:
     return path
 
 
-PRUNE_BOUNDS = "exact"
+PRUNE_BOUNDS = "dual"  # the default; tests that need the oracle build with bounds="exact"
 
 
 @pytest.fixture(scope="session")
