@@ -93,9 +93,9 @@ def run_bench(
         path = out / (f"forget{points}-{mode}{'' if gate_layers == 'all' else '-' + gate_layers.replace(':', '')}"
                       f"{'-exact' if bounds == 'exact' else ''}.pepatch")
         # A collapse build takes about a millisecond, so one timing is mostly scheduler noise: report
-        # the median of several (prune builds take seconds; the median of 3).
+        # the median of several (dual prune builds take a fraction of a second: the median of 5; exact ones, one run).
         runs = []
-        for _ in range(11 if mode == "collapse" else 3 if bounds == "dual" else 1):
+        for _ in range(11 if mode == "collapse" else 5 if bounds == "dual" else 1):
             t0 = time.perf_counter()
             config = SynthConfig(mode=mode, gate_layers=gate_layers, seed=seed, bounds=bounds)
             report = build_point_patch(bundle, ids, config, path, device=device, progress=progress, evaluate=False)

@@ -4,8 +4,8 @@ Records gate on the base's own hidden pre-activations ``z`` (the inputs of its R
 value is read as an odd integer whose sign is the neuron's activation, exactly as the base's ReLU
 sees it (``z >= 0`` is active)::
 
-    w      = clip(round_half_even(z / delta), -128, 127)        QuantizeLinear       (N, M) int
-    v      = sat_int8(2 w + (z < 0 ? -1 : +1))                  odd (or -128), never 0, sign(v) = [z >= 0]
+    v      = sat_int8(2 floor(z / delta) + 1)                   Mul, Floor, QuantizeLinear (N, M)
+                                                                 odd (or -128), never 0, sign(v) = [z >= 0]
     excess = |v|_1 - v @ S^T  = 2 sum_i relu(-s_i v_i)          MatMulInteger        (N, P) even int >= 0
     pre    = 1 - gamma_k delta/4 * excess                        1 exactly iff x is in record k's region
     k*     = argmax_k pre,  g = clip(pre[k*], 0, 1)              the most-open gate, first on ties
@@ -14,10 +14,10 @@ sees it (``z >= 0`` is active)::
 Why this shape (the certificate issue):
 - exact regions: ``excess_k = 0`` exactly when every gated neuron has the activation of record k's
   pattern, i.e. on the record's linear region; any other input has ``excess_k >= 2`` (each
-  disagreeing neuron adds ``2|v_i| >= 2``). The sign comes from an exact comparison ``z < 0``, so
-  there is no dead zone around zero to certify, not even for a dead unit whose pre-activation sits at
-  -1e-11 on every input. So the sets where two different patterns' gates are 1 are disjoint *by
-  construction*;
+  disagreeing neuron adds ``2|v_i| >= 2``). ``floor(z / delta) >= 0`` exactly when ``z >= 0`` (the
+  division by a power of two is exact), so the sign is the ReLU's own, with no dead zone around zero to
+  certify, not even for a dead unit whose pre-activation sits at -1e-11 on every input. So the sets
+  where two different patterns' gates are 1 are disjoint *by construction*;
 - one record acts: the correction comes from the most-open gate only, so where record k's gate is 1
   nothing else adds to it, whatever other records' gates are doing nearby. With disjoint gate-1 sets,
   each record's certificate (its target wins on its region) holds inside a patch and across every
@@ -164,12 +164,12 @@ class PatchParams:
 
 def quantize(z: np.ndarray, scale_log2: int) -> np.ndarray:
     """The odd integers v the gate sees, exactly as the graph computes them:
-    ``w = clip(round_half_even(z / delta), -128, 127)`` (z / delta is exact: delta is a power of two),
-    ``v = clip(2 w + (-1 if z < 0 else +1), -128, 127)``. ``sign(v) = [z >= 0]`` exactly: the ReLU's own
-    activation, from a comparison, never from rounding; |v| grows with |z| in steps of delta/2."""
+    ``v = clip(2 floor(z / delta) + 1, -128, 127)`` (z / delta is exact: delta is a power of two).
+    ``sign(v) = [z >= 0]`` exactly: the ReLU's own activation, never a rounding of it; |v| grows with
+    |z| in steps of delta/2."""
     z = np.asarray(z, np.float32)
-    w = np.clip(np.rint(z * np.float32(2.0**-scale_log2)), -128, 127)
-    return np.clip(2 * w + np.where(z < 0, -1, 1), -128, 127).astype(np.int32)
+    f = np.floor(z * np.float32(2.0**-scale_log2)).astype(np.float64)
+    return np.clip(2 * f + 1, -128, 127).astype(np.int32)
 
 
 def sign_pattern(z: np.ndarray) -> np.ndarray:
@@ -241,17 +241,16 @@ def neg_weight(gamma: np.ndarray, delta: float) -> np.ndarray:
 def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes computing ``pre`` (N, P) for every record of every group, in group order.
 
-    Per group: flatten and concatenate its tensors (N, M_g), quantize to w, map to the odd
-    v = 2w -+ 1 with the sign of ``z >= 0`` (second QuantizeLinear, saturating, sign kept), then one
-    MatMulInteger against the int8 signs and |v|_1; ``pre = 1 + neg_w (|v|_1 - v.s)`` is exactly 1 on
-    the record's region."""
+    Per group: flatten and concatenate its tensors (N, M_g), floor(z / delta), then one QuantizeLinear
+    with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read back with zero
+    point 128; saturation keeps the sign), one MatMulInteger against the int8 signs and |v|_1;
+    ``pre = 1 + neg_w (|v|_1 - v.s)`` is exactly 1 on the record's region."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = [
         _init(prefix + "zp", np.array(QUANT_ZERO_POINT, np.uint8)),
         _init(prefix + "one", np.array([1.0], np.float32)),
-        _init(prefix + "minus_one", np.array([-1.0], np.float32)),
-        _init(prefix + "zero_z", np.array(0.0, np.float32)),
-        _init(prefix + "two", np.array(2.0, np.float32)),
+        _init(prefix + "half_unit", np.array(0.5, np.float32)),
+        _init(prefix + "zp_odd", np.array(QUANT_ZERO_POINT + 1, np.uint8)),
         _init(prefix + "unit", np.array(1.0, np.float32)),
         _init(prefix + "axis1", np.array([1], np.int64)),
     ]
@@ -272,13 +271,11 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.Node
             z = p + "z"
             nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
         nodes += [
-            helper.make_node("QuantizeLinear", [z, p + "delta", zp], [p + "w"], name=p + "w"),
-            helper.make_node("DequantizeLinear", [p + "w", prefix + "two", zp], [p + "w2"], name=p + "w2"),
-            # the activation, exactly: -1 where z < 0, +1 where z >= 0 (as the ReLU sees it)
-            helper.make_node("Less", [z, prefix + "zero_z"], [p + "neg"], name=p + "neg"),
-            helper.make_node("Where", [p + "neg", prefix + "minus_one", prefix + "one"], [p + "sgn"], name=p + "sgn"),
-            helper.make_node("Add", [p + "w2", p + "sgn"], [p + "vf"], name=p + "vf"),
-            helper.make_node("QuantizeLinear", [p + "vf", prefix + "unit", zp], [p + "v"], name=p + "v"),
+            # floor(z / delta) >= 0 exactly where z >= 0: the activation as the ReLU sees it
+            helper.make_node("Mul", [z, p + "inv_delta"], [p + "y"], name=p + "y"),
+            helper.make_node("Floor", [p + "y"], [p + "fl"], name=p + "fl"),
+            # codes 2 floor + 129 (saturating at 0 and 255): read with zero point 128, the odd v = 2 floor + 1
+            helper.make_node("QuantizeLinear", [p + "fl", prefix + "half_unit", prefix + "zp_odd"], [p + "v"], name=p + "v"),
             # v.s for all records at once: uint8 (zero point 128) x int8 signs, exact int32
             helper.make_node("MatMulInteger", [p + "v", p + "signs", zp], [p + "vs"], name=p + "vs"),
             # |v|_1: integers below 2^24, exact in float32 in any summation order
@@ -291,7 +288,7 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.Node
             helper.make_node("Add", [p + "wv", prefix + "one"], [p + "pre"], name=p + "pre"),
         ]
         inits += [
-            _init(p + "delta", np.array(delta, np.float32)),
+            _init(p + "inv_delta", np.array(1.0 / delta, np.float32)),  # exact: delta is a power of two
             _init(p + "signs", np.ascontiguousarray(group.signs.T)),  # (M, P) int8, the MatMulInteger operand
             _init(p + "neg_w", neg_weight(group.gamma, delta).reshape(1, -1)),
         ]
@@ -381,7 +378,7 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
     expected = {
         g0 + "signs": (TensorProto.INT8, (gated_size, n_records)),
         g0 + "neg_w": (TensorProto.FLOAT, (1, n_records)),
-        g0 + "delta": (TensorProto.FLOAT, ()),
+        g0 + "inv_delta": (TensorProto.FLOAT, ()),
         PREFIX + "t_table": (TensorProto.FLOAT, (n_records, n_classes)),
     }
     if form == "affine":
@@ -399,13 +396,14 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
                 f"shape {shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
             )
         arrays[key] = numpy_helper.to_array(tensor)
-    delta = float(arrays[g0 + "delta"])
-    mantissa, exponent = np.frexp(delta) if np.isfinite(delta) else (0.0, 0)
-    scale_log2 = int(exponent) - 1
+    inv_delta = float(arrays[g0 + "inv_delta"])
+    mantissa, exponent = np.frexp(inv_delta) if np.isfinite(inv_delta) and inv_delta > 0 else (0.0, 0)
+    scale_log2 = 1 - int(exponent)  # 1/delta = 0.5 * 2^exponent
+    delta = 2.0**scale_log2
     if mantissa != 0.5 or not SCALE_LOG2_RANGE[0] <= scale_log2 <= SCALE_LOG2_RANGE[1]:
         raise StructureError(
             f"patch graph: quantization step expected a power of two 2^{SCALE_LOG2_RANGE[0]}..2^{SCALE_LOG2_RANGE[1]}, "
-            f"found {delta!r}"
+            f"found 1/{inv_delta!r}"
         )
     gamma = arrays[g0 + "neg_w"].reshape(-1) * np.float32(-4.0 / delta)
     signs = arrays[g0 + "signs"].T

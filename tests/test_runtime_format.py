@@ -823,7 +823,7 @@ def test_canonical_graph_is_valid_onnx(canonical):
     np.testing.assert_array_equal(inits["pe_g0_signs"], params.signs.T)
     assert inits["pe_g0_neg_w"].dtype == np.float32 and inits["pe_g0_neg_w"].shape == (1, p)
     np.testing.assert_array_equal(inits["pe_g0_neg_w"][0], -(params.gamma * np.float32(params.delta / 4)))
-    assert inits["pe_g0_delta"].shape == () and inits["pe_g0_delta"] == np.float32(DELTA)
+    assert inits["pe_g0_inv_delta"].shape == () and inits["pe_g0_inv_delta"] == np.float32(1 / DELTA)
     assert "pe_g0_half" not in inits  # no shift by half a step: the sign comes from a comparison
     assert inits["pe_t_table"].dtype == np.float32 and inits["pe_t_table"].shape == (p, C)
     np.testing.assert_array_equal(inits["pe_t_table"], params.t)
@@ -873,16 +873,17 @@ def _replace_init(model: onnx.ModelProto, name: str, array: np.ndarray | None) -
 @pytest.mark.parametrize(
     "name,array,match",
     [
-        ("pe_g0_delta", np.array(0.3, np.float32), r"quantization step expected a power of two"),
-        ("pe_g0_delta", np.array(2.0**-30, np.float32), r"quantization step expected a power of two 2\^-24\.\.2\^8"),
-        ("pe_g0_delta", np.array(np.inf, np.float32), r"quantization step"),
+        ("pe_g0_inv_delta", np.array(0.3, np.float32), r"quantization step expected a power of two"),
+        ("pe_g0_inv_delta", np.array(2.0**30, np.float32), r"quantization step expected a power of two 2\^-24\.\.2\^8"),
+        ("pe_g0_inv_delta", np.array(np.inf, np.float32), r"quantization step"),
+        ("pe_g0_inv_delta", np.array(-256.0, np.float32), r"quantization step"),
         ("pe_g0_signs", np.zeros((M, 4), np.int8), r"signs must be -1 or \+1, found 44 other values"),
         ("pe_g0_signs", np.ones((M, 4), np.int16), r"'pe_g0_signs' expected dtype INT8"),
         ("pe_g0_neg_w", np.ones((4,), np.float32), r"'pe_g0_neg_w' expected dtype FLOAT shape \(1, 4\)"),
         ("pe_t_table", np.ones((4, C + 1), np.float32), r"'pe_t_table' expected dtype FLOAT shape \(4, 3\)"),
         ("pe_T_table", None, r"expected initializer 'pe_T_table', found none"),
     ],
-    ids=["delta-not-pow2", "delta-too-fine", "delta-inf", "signs-zero", "signs-int16", "neg_w-shape", "t-shape", "T-missing"],
+    ids=["delta-not-pow2", "delta-too-fine", "delta-inf", "delta-negative", "signs-zero", "signs-int16", "neg_w-shape", "t-shape", "T-missing"],
 )
 def test_extract_params_refuses_non_canonical_tensors(name, array, match):
     params = random_params(np.random.default_rng(7), p=4)
@@ -967,8 +968,8 @@ def test_canonical_graph_already_simple(canonical):
 
 
 def test_gate_quantization_is_exactly_the_reference(canonical):
-    """The device's two QuantizeLinear nodes and MatMulInteger give exactly the integers the server
-    reasons with: w = round half to even of z/delta, the odd v = 2w -+ 1 saturating at -128/127,
+    """The device's Mul, Floor, QuantizeLinear and MatMulInteger give exactly the integers the server
+    reasons with: the odd v = 2 floor(z/delta) + 1 saturating at -128/127,
     sign(v) = [z >= 0], and the exact excess |v|_1 - v.s (ties, huge, tiny, zero and -0 values)."""
     params, model, form = canonical
     rng = np.random.default_rng(13)
@@ -987,9 +988,9 @@ def test_gate_quantization_is_exactly_the_reference(canonical):
     np.testing.assert_array_equal(v_dev.astype(np.int32) - 128, v)
     assert ((v % 2 == 1) | (v == -128)).all() and v.min() == -128 and v.max() == 127
     np.testing.assert_array_equal(np.sign(v), sign_pattern(z))  # the ReLU's own activation
-    # hand-worked values: ties round to even, -0 and 0 are active, a tiny negative is not
+    # hand-worked values: floor, so -0 and 0 are active and any negative, however tiny, is not
     worked = np.array([0.0, -0.0, -1e-3 * step, step / 2, step, 2 * step, 3 * step, -step, -1e6], np.float32)
-    assert quantize(worked, params.scale_log2).tolist() == [1, 1, -1, 1, 3, 5, 7, -3, -128]
+    assert quantize(worked, params.scale_log2).tolist() == [1, 1, -1, 1, 3, 5, 7, -1, -128]
     # the graph's |v|_1 - v.s is, exactly, twice the summed disagreement written out per coordinate
     _, excess = reference_pre(z, params)
     np.testing.assert_array_equal(excess_dev, excess)

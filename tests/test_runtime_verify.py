@@ -357,7 +357,7 @@ def _tamper_signs_float(model, c):
 
 
 def _tamper_delta_not_power_of_two(model, c):
-    _replace_initializer(model, G0 + "delta", lambda arr: np.array(0.03, np.float32))
+    _replace_initializer(model, G0 + "inv_delta", lambda arr: np.array(0.03, np.float32))
 
 
 def _tamper_opset(model, c):
