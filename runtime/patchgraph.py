@@ -7,8 +7,8 @@ sees it (``z >= 0`` is active)::
     v      = sat_int8(2 floor(z / delta) + 1)                   Mul, Floor, QuantizeLinear (N, M)
                                                                  odd (or -128), never 0, sign(v) = [z >= 0]
     excess = |v|_1 - v @ S^T  = 2 sum_i relu(-s_i v_i)          MatMulInteger        (N, P) even int >= 0
-    pre    = 1 - gamma_k delta/4 * excess                        1 exactly iff x is in record k's region
-    k*     = argmax_k pre,  g = clip(pre[k*], 0, 1)              the most-open gate, first on ties
+    score  = -gamma_k delta/4 * excess                           0 exactly iff x is in record k's region
+    k*     = argmax_k score,  g = clip(1 + score[k*], 0, 1)      the most-open gate, first on ties
     out    = f + g * (T_k* f + t_k*)                             at most one record acts on an input
 
 Why this shape (the certificate issue):
@@ -239,12 +239,13 @@ def neg_weight(gamma: np.ndarray, delta: float) -> np.ndarray:
 
 
 def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """Nodes computing ``pre`` (N, P) for every record of every group, in group order.
+    """Nodes computing ``score`` (N, P) for every record of every group, in group order: the gate
+    before its ``1 +`` and clip, so choosing the most-open record costs no extra pass over (N, P).
 
     Per group: flatten and concatenate its tensors (N, M_g), floor(z / delta), then one QuantizeLinear
     with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read back with zero
     point 128; saturation keeps the sign), one MatMulInteger against the int8 signs and |v|_1;
-    ``pre = 1 + neg_w (|v|_1 - v.s)`` is exactly 1 on the record's region."""
+    ``score = neg_w (|v|_1 - v.s)`` is exactly 0 on the record's region (gate exactly 1)."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = [
         _init(prefix + "zp", np.array(QUANT_ZERO_POINT, np.uint8)),
@@ -285,31 +286,32 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup]) -> tuple[list[onnx.Node
             helper.make_node("Cast", [p + "vs"], [p + "vsf"], to=TensorProto.FLOAT, name=p + "vsf"),
             helper.make_node("Sub", [p + "l1", p + "vsf"], [p + "excess"], name=p + "excess"),
             helper.make_node("Mul", [p + "excess", p + "neg_w"], [p + "wv"], name=p + "wv"),
-            helper.make_node("Add", [p + "wv", prefix + "one"], [p + "pre"], name=p + "pre"),
         ]
         inits += [
             _init(p + "inv_delta", np.array(1.0 / delta, np.float32)),  # exact: delta is a power of two
             _init(p + "signs", np.ascontiguousarray(group.signs.T)),  # (M, P) int8, the MatMulInteger operand
             _init(p + "neg_w", neg_weight(group.gamma, delta).reshape(1, -1)),
         ]
-        pres.append(p + "pre")
-    pre = pres[0]
+        pres.append(p + "wv")
+    score = pres[0]
     if len(pres) > 1:
-        pre = prefix + "pre"
-        nodes.append(helper.make_node("Concat", pres, [pre], axis=1, name=pre))
-    return nodes, inits, pre
+        score = prefix + "score"
+        nodes.append(helper.make_node("Concat", pres, [score], axis=1, name=score))
+    return nodes, inits, score
 
 
 def correction_nodes(
     prefix: str, pre: str, logits_name: str, T: np.ndarray, t: np.ndarray, form: str, out_name: str
 ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """Nodes for ``out = f + g (T_k* f + t_k*)`` with k* the most-open gate (first on ties)."""
+    """Nodes for ``out = f + g (T_k* f + t_k*)`` with k* the most-open gate (first on ties); ``pre`` is
+    the (N, P) score of :func:`gate_nodes`."""
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
     n = lambda key: prefix + key  # noqa: E731
     nodes = [
         helper.make_node("ArgMax", [pre], [n("k1")], axis=1, keepdims=1, select_last_index=0, name=n("k1")),
-        helper.make_node("GatherElements", [pre, n("k1")], [n("gpre")], axis=1, name=n("gpre")),
+        helper.make_node("GatherElements", [pre, n("k1")], [n("gscore")], axis=1, name=n("gscore")),
+        helper.make_node("Add", [n("gscore"), n("one")], [n("gpre")], name=n("gpre")),
         helper.make_node("Clip", [n("gpre"), n("zero"), n("one")], [n("gate_max")], name=n("gate_max")),
         helper.make_node("Squeeze", [n("k1"), n("axis1")], [n("k")], name=n("k")),
         helper.make_node("Gather", [n("t_table"), n("k")], [n("tk")], axis=0, name=n("tk")),

@@ -64,7 +64,8 @@ GAMMAS = (1.5, 2.0, 1.25)  # float32-exact, one per record in turn
 COMMITMENTS = sorted(hashlib.sha256(b"salt" + str(i).encode()).hexdigest() for i in range(3))
 ID_RE = r"[0-9a-f]{32}"
 # extra outputs of a patch graph, tapped by these tests
-GATE, K, PRE, V, EXCESS = PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_pre", PREFIX + "g0_v", PREFIX + "g0_excess"
+# SCORE is the gate before its "1 +" and clip: pre = 1 + score, in float32 as the graph's Add does it
+GATE, K, SCORE, V, EXCESS = PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_wv", PREFIX + "g0_v", PREFIX + "g0_excess"
 
 
 # ----------------------------------------------------------------------------- hand-built patches
@@ -791,8 +792,8 @@ def run(params: PatchParams, z: np.ndarray, f: np.ndarray | None = None, form: s
     """(out, gate (N,), k (N,), pre (N, P)) of the canonical graph of ``params`` on onnxruntime."""
     f = np.zeros((len(z), params.n_classes), np.float32) if f is None else f
     model = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form or form_of(params))
-    out, gate, k, pre = session(model, GATE, K, PRE).run(None, feeds(z, f))
-    return out, gate.reshape(-1), k, pre
+    out, gate, k, score = session(model, GATE, K, SCORE).run(None, feeds(z, f))
+    return out, gate.reshape(-1), k, np.float32(1) + score
 
 
 FORMS = ("affine", "shift", "collapse")
@@ -912,8 +913,9 @@ def test_canonical_graph_matches_reference(canonical):
     # The inputs cover closed, partially open and fully open gates, and rows with several open gates.
     assert (g == 1.0).any() and (g == 0.0).any() and ((g > 0.05) & (g < 0.95)).any()
     assert ((pre > 0.05).sum(axis=1) >= 2).sum() > 20
-    sess = session(model, GATE, K, PRE)
-    out, gate, k_dev, pre_dev = sess.run(None, feeds(z, f))
+    sess = session(model, GATE, K, SCORE)
+    out, gate, k_dev, score_dev = sess.run(None, feeds(z, f))
+    pre_dev = np.float32(1) + score_dev
     assert out.dtype == np.float32 and out.shape == (len(z), C)
     assert gate.shape == (len(z), 1) and k_dev.shape == (len(z),) and k_dev.dtype == np.int64
     # The gate is integer arithmetic and one float32 product: the device's numbers are the reference's.
