@@ -2,7 +2,7 @@
 
 The base graph is copied, never edited in place. Every record of every patch joins one gated
 correction (:mod:`.patchgraph`): records that gate on the same base tensors share one integer
-product, all of them compete in one ArgMax, and the most-open record alone corrects the base logits.
+product, all of them compete in one TopK, and the most-open record alone corrects the base logits.
 So a device pays per record, not per patch file, and a long chain of patches runs as one batched
 patch. The runtime builds this graph from the verified parameters (the very numbers whose canonical
 graphs passed the structure check), so it is as canonical as each patch.

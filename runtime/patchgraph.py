@@ -8,7 +8,7 @@ sees it (``z >= 0`` is active)::
                                                                  odd (or -128), never 0, sign(v) = [z >= 0]
     excess = |v|_1 - v @ S^T  = 2 sum_i relu(-s_i v_i)          MatMulInteger        (N, P) even int >= 0
     score  = -gamma_k delta/4 * excess                           0 exactly iff x is in record k's region
-    k*     = argmax_k score,  g = clip(1 + score[k*], 0, 1)      the most-open gate, first on ties
+    k*     = argmax_k score,  g = clip(1 + score[k*], 0, 1)      the most-open gate, first on ties (TopK)
     out    = f + g * (T_k* f + t_k*)                             at most one record acts on an input
 
 Why this shape (the certificate issue):
@@ -22,9 +22,9 @@ Why this shape (the certificate issue):
   nothing else adds to it, whatever other records' gates are doing nearby. With disjoint gate-1 sets,
   each record's certificate (its target wins on its region) holds inside a patch and across every
   patch a device runs, checked by an integer comparison of patterns (:mod:`.interference`), not an LP;
-- speed: one uint8 x int8 product for all gates, exact int32; the per-value work (two quantizations,
-  |v|_1) is O(N M), independent of the number of records; selecting one record costs one ArgMax and
-  a Gather instead of a (N, P) x (P, C) product.
+- speed: one uint8 x int8 product for all gates, exact int32; the per-value work (floor, one
+  quantization, |v|_1) is O(N M), independent of the number of records; selecting one record costs one
+  TopK and a Gather instead of a (N, P) x (P, C) product.
 Where every gate is 0 the correction is ``0 * (finite)``: the output equals the base logits (bit for bit,
 except that a logit of exactly -0.0 may come out as +0.0; device policy caps |T| and |t|, so the
 correction is always finite).
@@ -309,14 +309,19 @@ def correction_nodes(
         raise ValueError(f"form: expected one of {FORMS}, found {form!r}")
     n = lambda key: prefix + key  # noqa: E731
     nodes = [
-        helper.make_node("ArgMax", [pre], [n("k1")], axis=1, keepdims=1, select_last_index=0, name=n("k1")),
-        helper.make_node("GatherElements", [pre, n("k1")], [n("gscore")], axis=1, name=n("gscore")),
+        # the most-open record and its score in one op (TopK keeps the lower index on ties; measured
+        # 145 us against ArgMax's 184 us plus a GatherElements on 256 x 1000 scores, one thread)
+        helper.make_node("TopK", [pre, n("top1")], [n("gscore"), n("k1")], axis=1, largest=1, sorted=1, name=n("k1")),
         helper.make_node("Add", [n("gscore"), n("one")], [n("gpre")], name=n("gpre")),
         helper.make_node("Clip", [n("gpre"), n("zero"), n("one")], [n("gate_max")], name=n("gate_max")),
         helper.make_node("Squeeze", [n("k1"), n("axis1")], [n("k")], name=n("k")),
         helper.make_node("Gather", [n("t_table"), n("k")], [n("tk")], axis=0, name=n("tk")),
     ]
-    inits = [_init(n("zero"), np.array([0.0], np.float32)), _init(n("t_table"), np.asarray(t, np.float32))]
+    inits = [
+        _init(n("zero"), np.array([0.0], np.float32)),
+        _init(n("top1"), np.array([1], np.int64)),
+        _init(n("t_table"), np.asarray(t, np.float32)),
+    ]
     if form == "shift":
         delta_name = n("tk")
     elif form == "collapse":

@@ -301,7 +301,7 @@ def test_patch_that_undoes_another_refused(base, honest, patches, mlp_bundle, re
     assert_refused(base, [first, undo], "interference",
                    rf"record 0 of undo\.pepatch \(target {true_label}\) gates the region of record 0 of {first.name}")
     # Without the set check the attack is real when the undo patch comes first: both gates are equally
-    # open on the point (same pattern, same gamma) and ArgMax takes the first on ties, so the undo
+    # open on the point (same pattern, same gamma) and TopK takes the first on ties, so the undo
     # record acts and the true label comes back. Given after the patch it undoes, it loses the tie.
     x = ds.x_train[[record0_point]]
     vp_first, vp_undo = verify_patch(first, base), verify_patch(undo, base)

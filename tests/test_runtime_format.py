@@ -832,9 +832,9 @@ def test_canonical_graph_is_valid_onnx(canonical):
     if form == "affine":
         assert inits["pe_T_table"].shape == (p, C, C)
         np.testing.assert_array_equal(inits["pe_T_table"], params.T)
-    # One record acts: an ArgMax over the gates, no product over all records' corrections.
+    # One record acts: a TopK (k = 1) over the gates, no product over all records' corrections.
     ops = [n.op_type for n in g.node]
-    assert ops.count("ArgMax") == 1 and ops.count("MatMulInteger") == 1 and "Gemm" not in ops
+    assert ops.count("TopK") == 1 and ops.count("MatMulInteger") == 1 and "Gemm" not in ops
     # Same inputs -> same bytes.
     assert build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString() == model.SerializeToString()
 
