@@ -109,6 +109,11 @@ def check_binding(manifest: Manifest, base: BaseGraph, source: str) -> None:
             f"{source}: expected base opset {manifest.base_opset} IR {manifest.base_ir_version}, "
             f"found opset {base.opset} IR {base.ir_version}"
         )
+    if manifest.logits_name != base.logits_name:
+        # any other (N, C) tensor would be corrected instead of the output, and the output left alone
+        raise IncompatibleBaseError(
+            f"{source}: reads logits {manifest.logits_name!r}, expected the base's output {base.logits_name!r}"
+        )
     shapes = base.tensor_shapes()
     wanted = [(manifest.logits_name, (manifest.n_classes,))] + [(g.name, g.shape) for g in manifest.gated]
     for name, shape in wanted:

@@ -189,8 +189,9 @@ def test_patch_for_another_base_is_refused(patches, other_base, mode):
         (lambda m: {"gated": (dataclasses.replace(m.gated[0], shape=(255,)), *m.gated[1:])}, r"of shape \(N, 255\), found shape \(256,\)"),
         (lambda m: {"base_opset": m.base_opset - 1}, r"expected base opset"),
         (lambda m: {"base_sha256": "0" * 64}, r"bound to base sha256 0000"),
+        (lambda m: {"logits_name": "relu"}, r"reads logits 'relu', expected the base's output 'logits'"),
     ],
-    ids=["gated-name", "gated-shape", "opset", "base-sha"],
+    ids=["gated-name", "gated-shape", "opset", "base-sha", "logits-not-the-output"],
 )
 def test_binding_manifest_edits_refused(patches, mlp_bundle, tmp_path, change, match):
     manifest, graph = parts(patches["prune"][0])
