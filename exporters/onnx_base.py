@@ -9,9 +9,12 @@ runtime taps those names when it composes patches, so they are part of the base'
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import torch
@@ -58,6 +61,28 @@ class _AllOutputs(torch.nn.Module):
         return (logits, *preacts)
 
 
+# What torch's exporter prints on every export that is none of the user's business: its op registry
+# warns once per torchvision op it skips (torchvision is not a dependency), and torch's pytree
+# deprecation shim warns from inside the exporter's own code.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_PYTREE_WARNING = r".*isinstance\(treespec, LeafSpec\).*"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence exactly those two messages for the duration of one export; everything else (and every
+    other logger and warning) still reaches the user."""
+    logger = logging.getLogger(_REGISTRY_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_PYTREE_WARNING, category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Run onnxsim; keep the original if simplification fails its own check."""
     import onnxsim
@@ -72,7 +97,7 @@ def to_onnx_model(net: PreactNet, input_shape: tuple[int, ...]) -> onnx.ModelPro
     names = [LOGITS_NAME] + [preact_name(i) for i in range(net.n_hidden)]
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     # The exporter reports progress on stdout; keep stdout for our own data (--json).
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _quiet_exporter():
         program = torch.onnx.export(
             _AllOutputs(net).eval(),
             (example,),

@@ -16,7 +16,6 @@ import copy
 import math
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .lp import _banner_silenced
+from .lp import _banner_silenced, fork_map
 from .models.nets import PreactNet
 from .runtime.model import PatchedModel
 from .runtime.patchgraph import excess_of, quantize
@@ -124,8 +123,7 @@ def closest_points(net: PreactNet, signs: np.ndarray, input_shape: tuple[int, ..
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         results = [_search_one(t) for t in tqdm(tasks, **bar)]
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(tqdm(pool.map(_search_one, tasks), **bar))
+        results = fork_map(_search_one, tasks, workers, bar)
     points = [PairPoint(k, j, x) for k, found, _ in results for j, x in found]
     return points, [k for k, _, empty in results if empty]
 

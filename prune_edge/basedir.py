@@ -28,7 +28,7 @@ from .activations import TrainActivations, choose_base_step
 from .data import NAMED_DATASETS, Dataset, load_dataset
 from .exporters.onnx_base import export_base
 from .models.nets import PreactNet, build_model
-from .runtime.errors import BaseModelError
+from .runtime.errors import BaseModelError, PruneEdgeError
 from .runtime.base import BaseGraph
 from .runtime.basecard import BaseCard, card_path_for, relu_inputs
 from .runtime.fileio import PathLike, sha256_file
@@ -112,6 +112,48 @@ def ort_accuracy(onnx_path: PathLike, x: np.ndarray, y: np.ndarray, patches: tup
     return float((model.predict(x) == y).mean())
 
 
+def bound_patches(base_dir: PathLike) -> list[Path]:
+    """The ``.pepatch`` files in a base folder and in its parent whose manifest binds them to this base
+    (same base sha256): the patches that stop verifying if the base is replaced. Files that are not
+    readable patches are skipped; this is a warning list, not a verification."""
+    from .runtime.patchfile import PATCH_SUFFIX, read_patch_file
+
+    folder = Path(base_dir)
+    try:
+        sha = read_card(folder)["onnx"]["sha256"]
+    except (BaseModelError, KeyError, TypeError):
+        if not (folder / ONNX_NAME).is_file():
+            return []
+        sha = sha256_file(folder / ONNX_NAME)
+    found = []
+    for where in dict.fromkeys((folder, folder.parent)):
+        for path in sorted(where.glob(f"*{PATCH_SUFFIX}")):
+            try:
+                if path.is_file() and read_patch_file(path).manifest.base_sha256 == sha:
+                    found.append(path)
+            except (PruneEdgeError, OSError, ValueError):
+                continue
+    return found
+
+
+def check_base_out(out_dir: PathLike, overwrite: bool) -> None:
+    """Refuse a destination that cannot become a base folder, before any slow work: a file, a folder
+    of other files, or (unless ``overwrite``) an existing base, naming the patches bound to it."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not (out / CARD_NAME).exists()):
+        raise BaseModelError(f"{out}: expected a new folder or an existing base folder, found other files")
+    if overwrite or not any(out.iterdir()):
+        return
+    patches = bound_patches(out)
+    orphaned = ""
+    if patches:
+        where = ", ".join(dict.fromkeys(str(p.parent) for p in patches))
+        orphaned = f"; {len(patches)} patch file{'s' if len(patches) != 1 else ''} bound to it (in {where}) would stop verifying"
+    raise BaseModelError(f"{out}: expected a new folder, found an existing base{orphaned}; pass --force to overwrite it")
+
+
 def train_base(
     dataset: str,
     arch: str,
@@ -120,14 +162,17 @@ def train_base(
     epochs: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
-    """Train a base model and write its folder atomically; return the card."""
+    """Train a base model and write its folder atomically; return the card.
+
+    The destination is checked before any training (``check_base_out``): with ``overwrite`` False an
+    existing base is refused, since replacing it orphans every patch bound to its sha256."""
+    out = Path(out_dir)
+    check_base_out(out, overwrite)
     ds = load_dataset(dataset)
     config = TrainConfig(arch=arch, seed=seed, epochs=epochs)
     net, stats = fit(ds.x_train, ds.y_train, ds.n_classes, config, device=device, progress=progress, desc=f"train {arch}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_NAME).exists())):
-        raise BaseModelError(f"{out}: expected a new folder or an existing base folder, found other files")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -1,8 +1,10 @@
 """The ``prune-edge`` command line.
 
 Data goes to stdout (``--json`` prints exactly one JSON document), diagnostics and progress to stderr.
-Exit codes, in one place: 0 ok, 1 failure (bad input, not forgotten), 2 usage error, 3 a patch failed
-verification. Device commands (predict, certify, verify-sample, inspect) never import torch; server
+Exit codes, in one place: 0 ok, 1 failure (bad input: a file missing, unreadable or wrong, checked
+before any slow work; not forgotten), 2 usage error (an option missing or malformed), 3 a patch that
+exists failed verification. Every error is one line on stderr, usage errors included. Device
+commands (predict, certify, verify-sample, inspect) never import torch; server
 commands import the torch-backed modules only when they run.
 """
 
@@ -23,18 +25,56 @@ from .runtime.errors import InputError, PatchVerificationError, PruneEdgeError
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 
 
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line on stderr (exit 2), like every other error, instead of click's
+    usage block: what was wrong and where the help is."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"error: {self.format_message()}{hint}", err=True)
+
+
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """The same usage error, shown on one line; bare `prune-edge` (or a bare group) still gets its help."""
+    if isinstance(exc, (_OneLineUsageError, _NO_ARGS_IS_HELP)):
+        return exc
+    return _OneLineUsageError(exc.format_message(), exc.ctx)
+
+
 class _Group(click.Group):
-    """Turns prune-edge's named errors into one line on stderr and the documented exit code."""
+    """Turns prune-edge's named errors into one line on stderr and the documented exit code.
+
+    One scheme everywhere: 2 usage (a missing or malformed option), 1 bad input (a file that is
+    missing, unreadable or wrong), 3 a patch that exists and failed a verification check."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except PatchVerificationError as exc:
             click.echo(f"error: patch refused ({exc.check}): {exc}", err=True)
             ctx.exit(EXIT_VERIFY)
         except PruneEdgeError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            import signal
+
+            # Leaving now (workers already stopped, nothing renamed into place): a second Ctrl-C must
+            # not interrupt the exit with an atexit traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 def _emit_json(doc: Any) -> None:
@@ -51,6 +91,29 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o).__name__)
+
+
+def _require(path: str | None, what: str, folder: bool = False) -> None:
+    """A missing input is bad input (exit 1, one line), not a usage error (2) nor a failed patch (3);
+    commands call this for every input path before any slow work."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: expected {what}, found no such {'folder' if folder else 'file'}")
+    if folder and not p.is_dir():
+        raise InputError(f"{path}: expected {what}, found a file")
+    if not folder and p.is_dir():
+        raise InputError(f"{path}: expected {what}, found a folder")
+
+
+def _require_device_inputs(base: str, patches: Sequence[str], card_path: str | None, policy_path: str | None) -> None:
+    """The inputs every device command shares, checked in the order the command reads them."""
+    _require(policy_path, "a device policy JSON file")
+    _require(base, "a base model file (base.onnx)")
+    _require(card_path, "a base card JSON file")
+    for p in patches:
+        _require(p, "a patch file (.pepatch)")
 
 
 def _load_array(path: str) -> np.ndarray:
@@ -95,6 +158,29 @@ def dataset_export(name_or_path: str, out: str, as_json: bool) -> None:
         click.echo(_table([(k, v) for k, v in summary.items()]))
 
 
+@dataset.command("sample")
+@click.argument("name_or_path")
+@click.option("--index", required=True, type=int, help="Index into the split (as in forget files).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .npy file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def dataset_sample(name_or_path: str, index: int, split: str, out: str, as_json: bool) -> None:
+    """Write one image as float32 (1, C, H, W) in [0, 1] to .npy (atomically) and print its label:
+    the input predict, certify --probe and verify-sample take, and the label verify-sample wants."""
+    from .data import load_dataset
+    from .runtime.fileio import atomic_path
+
+    x, label = load_dataset(name_or_path).sample(index, split)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, x)
+    summary = {"label": label, "index": index, "split": split, "shape": list(x.shape), "dtype": str(x.dtype),
+               "range": [float(x.min()), float(x.max())], "out": out}
+    if as_json:
+        _emit_json(summary)
+    else:
+        click.echo(_table([(k, v) for k, v in summary.items()]))
+
+
 # ----------------------------------------------------------------------------- server
 @main.command("train-base")
 @click.option("--dataset", "dataset_name", default="mnist5k", show_default=True, help="Named dataset or a path.")
@@ -103,13 +189,19 @@ def dataset_export(name_or_path: str, out: str, as_json: bool) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 15 (mlp), 12 (cnn).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Base folder to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing base folder (its patches stop verifying).")
 @click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
-def train_base_cmd(dataset_name: str, arch: str, seed: int, epochs: int | None, device: str, out: str, as_json: bool) -> None:
-    """Train a ReLU base model and write base.onnx, weights.pt and card.json (atomically)."""
+def train_base_cmd(dataset_name: str, arch: str, seed: int, epochs: int | None, device: str, out: str, force: bool,
+                   as_json: bool) -> None:
+    """Train a ReLU base model and write base.onnx, weights.pt and card.json (atomically).
+
+    An existing base folder is refused unless --force: every patch is bound to the base's sha256, so
+    a silent overwrite would orphan them all."""
     from .basedir import train_base
 
     _check_device(device)
-    card = train_base(dataset_name, arch, out, seed=seed, epochs=epochs, device=device, progress=not as_json)
+    card = train_base(dataset_name, arch, out, seed=seed, epochs=epochs, device=device, progress=not as_json,
+                      overwrite=force)
     if as_json:
         _emit_json(card)
     else:
@@ -143,27 +235,35 @@ def _card_table(card: dict) -> str:
 
 
 @main.command("build-patch")
-@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Base folder (train-base).")
-@click.option("--forget", "forget_path", required=True, type=click.Path(dir_okay=False), help="Training-split ids, one per line.")
+@click.option("--base", "base_dir", required=True, type=click.Path(), help="Base folder (train-base).")
+@click.option("--forget", "forget_path", required=True, type=click.Path(), help="Training-split ids, one per line.")
 @click.option("--mode", type=click.Choice(["prune", "collapse"]), default="prune", show_default=True)
 @click.option("--gate-layers", default=None, help="'all' or 'last:K'. Default: all (mlp), last:1 (cnn).")
 @click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=None, help="Fixed gate sharpness (default: widest safe gate per patch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random confusing labels.")
 @click.option("--bounds", type=click.Choice(["dual", "exact"]), default="dual", show_default=True,
               help="prune: sound Lagrangian dual bounds (torch, GPU when present) or exact HiGHS LPs.")
-@click.option("--after", "after", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--after", "after", multiple=True, type=click.Path(),
               help="A patch devices already run (repeatable): checked together with the new one.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Patch file to write (.pepatch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, bounds, after, device, out, as_json) -> None:
     """Compute a certified PRUNE patch that makes the base forget the given training points."""
-    from .basedir import load_base
+    from .basedir import load_base, read_card
     from .requests import read_forget_ids
     from .synth import SynthConfig
     from .unlearn import build_point_patch
 
     _check_device(device)
+    _require(base_dir, "a base folder (from `prune-edge train-base`)", folder=True)
+    _require(forget_path, "a forget file of training-split ids")
+    for p in after:
+        _require(p, "a patch file (.pepatch) for --after")
+    # The request is checked against the card's training-set size before the seconds of loading the base.
+    n_train = read_card(base_dir).get("dataset", {}).get("n_train")
+    if isinstance(n_train, int):
+        read_forget_ids(forget_path, n_train)
     bundle = load_base(base_dir)
     ids = read_forget_ids(forget_path, len(bundle.dataset.x_train))
     layers = gate_layers or ("all" if bundle.card["arch"] == "mlp" else "last:1")
@@ -216,9 +316,9 @@ def _device_options(f):
     """--card, --policy, --max-gate-width: what the device trusts, shared by every device command."""
     f = click.option("--max-gate-width", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Widest gate allowed (1/gamma, pre-activation units). Default: the policy's (1.0).")(f)
-    f = click.option("--policy", "policy_path", type=click.Path(dir_okay=False), default=None,
+    f = click.option("--policy", "policy_path", type=click.Path(), default=None,
                      help="Device policy JSON (caps on gate width, |T|, |t|, records).")(f)
-    f = click.option("--card", "card_path", type=click.Path(dir_okay=False), default=None,
+    f = click.option("--card", "card_path", type=click.Path(), default=None,
                      help="Base card. Default: base.card.json beside the base model.")(f)
     return f
 
@@ -230,14 +330,16 @@ def _patched(base: str, patches: Sequence[str], card_path: str | None = None, po
 
 
 @main.command()
-@click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False), help="base.onnx")
-@click.option("--patch", "patches", multiple=True, type=click.Path(dir_okay=False), help="Patch file(s), applied in order.")
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False), help="float32 .npy of shape (N, C, H, W).")
+@click.option("--base", required=True, type=click.Path(), help="base.onnx")
+@click.option("--patch", "patches", multiple=True, type=click.Path(), help="Patch file(s), applied in order.")
+@click.option("--input", "input_path", required=True, type=click.Path(), help="float32 .npy of shape (N, C, H, W).")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None, help="Write the logits to this .npy.")
 @click.option("--json", "as_json", is_flag=True, help="Print labels as JSON.")
 @_device_options
 def predict(base, patches, input_path, logits_out, as_json, card_path, policy_path, max_gate_width) -> None:
     """Run the base (plus verified patches) with onnxruntime and print labels."""
+    _require(input_path, "a .npy input array")
+    _require_device_inputs(base, patches, card_path, policy_path)
     model = _patched(base, patches, card_path, _policy(policy_path, max_gate_width))
     x = _load_array(input_path)
     logits = model.logits(x)
@@ -254,9 +356,9 @@ def predict(base, patches, input_path, logits_out, as_json, card_path, policy_pa
 
 
 @main.command()
-@click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False), help="base.onnx the patches must be bound to.")
-@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False), help="Patch file(s) the device runs together.")
-@click.option("--probe", "probe_path", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--base", required=True, type=click.Path(), help="base.onnx the patches must be bound to.")
+@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(), help="Patch file(s) the device runs together.")
+@click.option("--probe", "probe_path", type=click.Path(), default=None,
               help="float32 .npy of the device's own inputs: measure on how many any gate opens.")
 @click.option("--max-open", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="With --probe: refuse if gates open on more than this fraction of the inputs.")
@@ -270,6 +372,8 @@ def certify(base, patches, probe_path, max_open, as_json, card_path, policy_path
     from .runtime.model import PatchedModel
     from .runtime.verify import certify_patch, check_patch_set
 
+    _require(probe_path, "a .npy array of probe inputs")
+    _require_device_inputs(base, patches, card_path, policy_path)
     policy = _policy(policy_path, max_gate_width)
     x_probe = graph_input = None
     if probe_path:
@@ -325,9 +429,9 @@ def _safe(text: Any) -> str:
 
 
 @main.command("verify-sample")
-@click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False))
-@click.option("--sample", required=True, type=click.Path(exists=True, dir_okay=False), help="float32 .npy: one sample (C,H,W) or (1,C,H,W).")
+@click.option("--base", required=True, type=click.Path())
+@click.option("--patch", "patches", multiple=True, required=True, type=click.Path())
+@click.option("--sample", required=True, type=click.Path(), help="float32 .npy: one sample (C,H,W) or (1,C,H,W).")
 @click.option("--label", required=True, type=int, help="The sample's true label.")
 @click.option("--json", "as_json", is_flag=True)
 @_device_options
@@ -337,6 +441,8 @@ def verify_sample(base, patches, sample, label, as_json, card_path, policy_path,
 
     Exit 0 only if a record's gate is fully open on it (its certificate covers the sample) and the
     label differs; 1 if no patch covers it ("not covered") or it still gets your label."""
+    _require(sample, "a .npy sample")
+    _require_device_inputs(base, patches, card_path, policy_path)
     model = _patched(base, patches, card_path, _policy(policy_path, max_gate_width))
     x = _load_array(sample)
     if x.ndim == len(model.base.input_shape):
@@ -379,12 +485,13 @@ def verify_sample(base, patches, sample, label, as_json, card_path, policy_path,
 
 
 @main.command()
-@click.argument("patch", type=click.Path(dir_okay=False))
+@click.argument("patch", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 def inspect(patch: str, as_json: bool) -> None:
     """Show a patch file's manifest (after checking its container and digest)."""
     from .runtime.patchfile import read_patch_file
 
+    _require(patch, "a patch file (.pepatch)")
     pf = read_patch_file(patch)
     m = pf.manifest
     if as_json:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import highspy
 import numpy as np
@@ -142,6 +144,42 @@ def row_bounds_many(
     bar = dict(total=len(tasks), desc="region LPs", unit="region", disable=not progress, leave=False)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [_bounds_task(t) for t in tqdm(tasks, **bar)]
-    # fork: workers inherit the loaded modules and start in milliseconds; they only run HiGHS.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(tqdm(pool.map(_bounds_task, tasks), **bar))
+    return fork_map(_bounds_task, tasks, workers, bar)
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: a terminal's Ctrl-C reaches the whole process group, and only the parent
+    should act on it (a worker dying mid-task on its own KeyboardInterrupt can leave the pool waiting)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def fork_map(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, bar: dict) -> list[Any]:
+    """``[fn(t) for t in tasks]`` in ``workers`` forked processes, in order, with a tqdm bar.
+
+    fork: workers inherit the loaded modules and start in milliseconds; they only run HiGHS. On
+    Ctrl-C the parent kills its workers itself and returns at once: the executor's own shutdown would
+    wait for every running LP, and a second Ctrl-C during that wait used to leave them orphaned."""
+    from tqdm.auto import tqdm
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_ignore_sigint)
+    try:
+        results = list(tqdm(pool.map(fn, tasks), **bar))
+    except BaseException:
+        # We are leaving anyway: a second Ctrl-C must not interrupt the clean-up below (signal
+        # handlers can only be set from the main thread; elsewhere no Ctrl-C arrives anyway).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            procs = list((pool._processes or {}).values())  # no public way to stop running tasks
+            for proc in procs:
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.join(timeout=5)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        raise
+    pool.shutdown(wait=True)
+    return results

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from prune_edge.bench import format_table, run_bench  # noqa: E402
+from prune_edge.bench import LOAD_REPEATS, format_table, run_bench  # noqa: E402
 
 
 def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
@@ -60,8 +60,52 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     assert "dual bounds vs exact LPs" in table and "goal >= 8x" in table
     assert "device: check 10 patches" in table and "3 collapse records, gate all, 1 thread" in table
     [load] = r["device_load"]
-    assert load["patches"] == 3 and 0 < load["verify_seconds"] and 0 < load["load_seconds"]
-    assert "device load of a 3-point patch" in table
+    assert load["patches"] == 3 and load["gate_layers"] == "all" and load["repeats"] == LOAD_REPEATS >= 7
+    assert saved["device_load"] == r["device_load"]
+    for row in r["device_load"]:
+        # checks + compose + session, timed in the same iterations as the checks alone: never less
+        assert 0 < row["verify_seconds"] <= row["load_seconds"]
+    assert "device load of a 3-point patch" in table and "checks + compose + session" in table
+    _assert_readable_plot(r)
+
+
+def _assert_readable_plot(r: dict) -> None:
+    """bench.png as a reader needs it: tick labels apart, goal lines labelled, values on the bars."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from prune_edge.bench import _figure, _seconds
+
+    fig = _figure(r)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        builds, latency = fig.axes
+        labels = [t for t in builds.get_xticklabels() if t.get_text()]
+        assert len(labels) == 1 + len(r["builds"])
+        theta = np.deg2rad(labels[0].get_rotation())
+        if theta == 0:
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+        else:
+            # Parallel slanted labels: each fills a strip as wide as its unrotated height, and the strips
+            # of neighbours are (tick spacing x sin(angle)) apart.
+            heights = []
+            for t in labels:
+                t.set_rotation(0)
+                heights.append(t.get_window_extent(renderer).height)
+                t.set_rotation(np.rad2deg(theta))
+            ticks = builds.transData.transform([(x, 1.0) for x in builds.get_xticks()])[:, 0]
+            assert np.diff(ticks).min() * np.sin(theta) >= max(heights)
+        secs = [r["retrain_seconds"]] + [b["build_seconds"] for b in r["builds"].values()]
+        assert [t.get_text() for t in builds.texts] == [_seconds(s) for s in secs]
+        goals = [line.get_label() for ax in (builds, latency) for line in ax.get_lines() if "goal" in line.get_label()]
+        assert len(goals) == 4 and any("1000x faster than retrain" in g for g in goals)
+        assert any(f"<= {r['goals']['latency_ratio_256_100']:g}x" in g for g in goals)
+        assert latency.get_xlabel().startswith("records per patch") and "point patches" not in latency.get_xlabel()
+        assert [t.get_text() for t in latency.texts]  # ratios written at the points
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("sizes, match", [("1,x", "comma-separated integers"), ("5,0", "sizes >= 1, found 0")])

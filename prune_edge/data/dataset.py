@@ -94,6 +94,18 @@ class Dataset:
     def n_test(self) -> int:
         return int(self.x_test.shape[0])
 
+    def sample(self, index: int, split: str = "train") -> tuple[np.ndarray, int]:
+        """One image as a batch of one, ``(1, C, H, W)`` float32 in ``[0, 1]`` (what a model and every
+        device command take), and its label. Indices are the ones forget files and reports use."""
+        if split not in ("train", "test"):
+            raise DatasetError(f"{self.name or 'dataset'}: expected split 'train' or 'test', found {split!r}")
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+        if not 0 <= index < len(x):
+            raise DatasetError(
+                f"{self.name or 'dataset'}: expected an index in [0, {len(x)}) of the {split} split, found {index}"
+            )
+        return np.ascontiguousarray(x[index : index + 1], dtype=np.float32), int(y[index])
+
     def summary(self) -> dict:
         """JSON-able description: name, split, n_train, n_test, input_shape, n_classes."""
         return {
