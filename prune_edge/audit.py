@@ -19,12 +19,10 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import highspy
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from .lp import _banner_silenced, fork_map
+from .lp import InfeasibleRegion, RegionLP, fork_map
 from .models.nets import PreactNet
 from .runtime.model import PatchedModel
 from .runtime.patchgraph import excess_of, quantize
@@ -62,45 +60,25 @@ class PairPoint:
 
 
 def _search_one(task: tuple) -> tuple[int, list[tuple[int, np.ndarray]], bool]:
-    """All LPs of one record k: its region with margins, one objective per other record j, warm
-    started; rows enter lazily (most violated first), as in :class:`prune_edge.lp.RegionLP`."""
+    """All LPs of one record k: its region with margins, one objective per other record j, solved by
+    :meth:`prune_edge.lp.RegionLP.solve` (warm started, rows entering lazily)."""
     k, jz, cz, signs, js, margin = task
     s = signs[k].astype(np.float64)
     reach = np.maximum(s[:, None] * jz, 0.0).sum(axis=1) + s * cz  # max of s_i z_i over the box
-    a_ub = -(s[:, None] * jz)  # s_i z_i >= m_i  <=>  -s_i J_i x <= s_i c_i - m_i
-    b_ub = s * cz - np.minimum(margin, np.maximum(reach, 0.0) / 2)
     d = jz.shape[1]
-    with _banner_silenced():
-        h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("simplex_strategy", 1)  # dual simplex: measured fastest for these re-solves
-    h.addVars(d, np.zeros(d), np.ones(d))
-    cols = np.arange(d, dtype=np.int32)
-    in_model = np.zeros(len(b_ub), dtype=bool)
+    box = np.stack([np.zeros(d), np.ones(d)], axis=1)
+    # s_i z_i >= m_i  <=>  -s_i J_i x <= s_i c_i - m_i
+    lp = RegionLP(-(s[:, None] * jz), s * cz - np.minimum(margin, np.maximum(reach, 0.0) / 2), box,
+                  np.zeros((0, d)), np.zeros(0))
     found: list[tuple[int, np.ndarray]] = []
     for j in js:
         differ = signs[j] != signs[k]
         if not differ.any():
             continue  # same pattern: the interference check compares their targets
-        h.changeColsCost(d, cols, (s[differ, None] * jz[differ]).sum(axis=0))
-        while True:
-            h.run()
-            status = h.getModelStatus()
-            if status == highspy.HighsModelStatus.kInfeasible:
-                return k, found, True
-            if status != highspy.HighsModelStatus.kOptimal:
-                raise RuntimeError(f"pair ({k}, {j}): LP ended {h.modelStatusToString(status)}")
-            x = np.asarray(h.getSolution().col_value)
-            slack = b_ub - a_ub @ x
-            slack[in_model] = np.inf
-            violated = np.flatnonzero(slack < -1e-9)
-            if not len(violated):
-                break
-            rows = violated[np.argsort(slack[violated], kind="stable")[:20]]
-            a = sp.csr_matrix(a_ub[rows])
-            h.addRows(len(rows), np.full(len(rows), -highspy.kHighsInf), b_ub[rows], a.nnz,
-                      a.indptr[:-1].astype(np.int32), a.indices.astype(np.int32), a.data)
-            in_model[rows] = True
+        try:
+            x = lp.solve((s[differ, None] * jz[differ]).sum(axis=0))
+        except InfeasibleRegion:
+            return k, found, True
         found.append((j, np.clip(x, 0.0, 1.0)))
     return k, found, False
 

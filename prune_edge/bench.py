@@ -301,7 +301,7 @@ def format_table(r: dict[str, Any]) -> str:
     ch = r["chain"]
     rows.append((f"device: check {ch['patches']} patches ({ch['records']} records) together (interference, totals)",
                  f"{1e3 * ch['set_check_seconds']:.2f} ms", ""))
-    rows.append((f"device: load the chain (verify each, check the set, compose, session)",
+    rows.append(("device: load the chain (verify each, check the set, compose, session)",
                  f"{1e3 * ch['load_seconds']:.1f} ms", ""))
     for label, b in r["builds"].items():
         rows.append((f"{label} patch bytes", f"{b['patch_bytes']} B",

@@ -323,10 +323,10 @@ def _device_options(f):
     return f
 
 
-def _patched(base: str, patches: Sequence[str], card_path: str | None = None, policy=None):
+def _patched(base: str, patches: Sequence[str], card_path: str | None, policy):
     from .runtime.model import PatchedModel
 
-    return PatchedModel(base, list(patches), card_path=card_path, **({"policy": policy} if policy else {}))
+    return PatchedModel(base, list(patches), card_path=card_path, policy=policy)
 
 
 @main.command()

@@ -44,6 +44,10 @@ ROWS_PER_ROUND = 20
 VIOLATION_TOL = 1e-9
 
 
+class InfeasibleRegion(RuntimeError):
+    """The region's constraints admit no point (e.g. margins no point of the region can keep)."""
+
+
 class RegionLP:
     """The polytope of one region, solved for several linear objectives with HiGHS (float64).
 
@@ -82,6 +86,27 @@ class RegionLP:
                             a.indptr[:-1].astype(np.int32), a.indices.astype(np.int32), a.data)
         self._rows.extend(int(r) for r in rows)
 
+    def solve(self, c: np.ndarray) -> np.ndarray:
+        """The optimum of min c.x over the region (HiGHS, warm started from the previous objective),
+        with rows entering lazily until none is violated. Raises :class:`InfeasibleRegion` when the
+        region is empty, RuntimeError on any other non-optimal end."""
+        h = self._solver()
+        h.changeColsCost(len(c), self._cols, c)
+        while True:
+            h.run()
+            status = h.getModelStatus()
+            if status == highspy.HighsModelStatus.kInfeasible:
+                raise InfeasibleRegion("region LP is infeasible")
+            if status != highspy.HighsModelStatus.kOptimal:
+                raise RuntimeError(f"region LP did not solve to optimality: {h.modelStatusToString(status)}")
+            x = np.asarray(h.getSolution().col_value)
+            slack = self.b_ub - self.a_ub @ x
+            slack[self._rows] = np.inf
+            violated = np.flatnonzero(slack < -VIOLATION_TOL)
+            if not len(violated):
+                return x
+            self._add_rows(violated[np.argsort(slack[violated], kind="stable")[:ROWS_PER_ROUND]])
+
     def _minimise(self, c: np.ndarray) -> float:
         """A rigorous lower bound on min c.x over the region (its exact minimum, up to float64 sums).
 
@@ -91,18 +116,7 @@ class RegionLP:
         evaluating in float64 gives a bound that is sound whatever the solver's tolerances, and tight
         when its duals are good."""
         h = self._solver()
-        h.changeColsCost(len(c), self._cols, c)
-        while True:
-            h.run()
-            status = h.getModelStatus()
-            if status != highspy.HighsModelStatus.kOptimal:
-                raise RuntimeError(f"region LP did not solve to optimality: {h.modelStatusToString(status)}")
-            slack = self.b_ub - self.a_ub @ np.asarray(h.getSolution().col_value)
-            slack[self._rows] = np.inf
-            violated = np.flatnonzero(slack < -VIOLATION_TOL)
-            if not len(violated):
-                break
-            self._add_rows(violated[np.argsort(slack[violated], kind="stable")[:ROWS_PER_ROUND]])
+        self.solve(c)
         self.solves += 1
         mu = np.zeros(len(self.b_ub))
         mu[self._rows] = np.maximum(0.0, -np.asarray(h.getSolution().row_dual))
