@@ -36,7 +36,8 @@ def tapped_forward(base: BaseGraph, x: np.ndarray, names: Sequence[str], batch: 
     then bit for bit the ones the device's gates read."""
     model = copy.deepcopy(base.model)
     shapes = base.tensor_shapes()
-    del model.graph.output[1:]
+    del model.graph.output[:]  # the logits first (a converter's first output may be a label)
+    model.graph.output.append(helper.make_tensor_value_info(base.logits_name, TensorProto.FLOAT, ["N", *shapes[base.logits_name]]))
     for name in names:
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shapes[name]]))
     session = make_session(model.SerializeToString(), spin=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .basecard import BaseCard, card_path_for, relu_inputs
+from .basecard import BaseCard, card_path_for, find_logits, relu_inputs
 from .errors import BaseModelError, InputError
 from .fileio import PathLike, sha256_bytes
 
@@ -67,7 +67,7 @@ class BaseGraph:
             ir_version=int(model.ir_version),
             input_name=inputs[0].name,
             input_shape=_dims(inputs[0])[1:],
-            logits_name=graph.output[0].name,
+            logits_name=find_logits(model),  # the classifier tail's input, else the first output
             card_path=None if card_path is None else Path(card_path),
         )
 

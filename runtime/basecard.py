@@ -98,6 +98,41 @@ class BaseCard:
         return cls.from_json(doc, p.name)
 
 
+ML_DOMAIN = "ai.onnx.ml"
+# Nodes that start a classifier tail: they read the logits and are not part of the piecewise-linear body.
+TAIL_ENTRY_OPS = frozenset({"Softmax", "LogSoftmax", "ArgMax"})
+
+
+def is_tail_entry(node: onnx.NodeProto) -> bool:
+    """A Softmax/LogSoftmax/ArgMax, or any ``ai.onnx.ml`` node (label lookup, ZipMap, ...)."""
+    return node.domain == ML_DOMAIN or (node.domain in ("", "ai.onnx") and node.op_type in TAIL_ENTRY_OPS)
+
+
+def find_logits(model: onnx.ModelProto) -> str:
+    """The logits tensor: the input of the classifier tail, or the first graph output when there is none.
+
+    A converter's model often ends in Softmax, ArgMax and an ``ai.onnx.ml`` label lookup or ZipMap
+    (skl2onnx), so its first output is a label, not the logits. The logits are the one data tensor
+    (computed from the graph input) that a tail node reads while nothing upstream of it is tail: the
+    patch must correct that tensor, so that every output after it reflects the correction. The device
+    re-derives it from the graph, as it does the Relu inputs."""
+    graph = model.graph
+    data = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    after_tail: set[str] = set()
+    candidates: list[str] = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if any(i in data for i in ins):
+            data.update(node.output)
+        if is_tail_entry(node):
+            candidates += [i for i in ins if i in data and i not in after_tail and i not in candidates]
+        if is_tail_entry(node) or any(i in after_tail for i in ins):
+            after_tail.update(node.output)
+    if len(candidates) > 1:
+        raise BaseModelError(f"base: expected the classifier tail to read one logits tensor, found {candidates}")
+    return candidates[0] if candidates else graph.output[0].name
+
+
 def relu_inputs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> tuple[GatedTensor, ...]:
     """The input tensor of every Relu node, in graph order, with its shape after the batch dim."""
     out = []

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .basecard import find_logits
 from .errors import StructureError
 from .patchgraph import GateGroup, correction_nodes, form_of_tables, gate_nodes
 from .verify import VerifiedPatch
@@ -29,19 +30,47 @@ class Composition:
     model: onnx.ModelProto
     records: list[tuple[int, int]]
     output_names: tuple[str, ...]
+    logits_name: str  # where the patched logits are, among ``output_names``
 
 
 def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gates: bool = False) -> Composition:
     """Merge ``patches`` into a copy of ``base``. With ``expose_gates`` the acting gate's value
-    (N, 1) and its record index (N,) are extra outputs after the logits."""
+    (N, 1) and its record index (N,) are extra outputs after the base's own (and the logits).
+
+    The correction sits at the base's logits tensor (:func:`~.basecard.find_logits`): the node that
+    computed it now writes a renamed tensor, the patch reads that and writes the logits under their
+    own name, so every consumer downstream (a Softmax, an ArgMax, a label lookup, a ZipMap, or the
+    graph output itself) reads the patched logits. The base's outputs keep their names and order;
+    the logits are appended as an output when the base does not output them itself. IR version,
+    opsets (the ``ai.onnx.ml`` domain included) stay the base's."""
     model = copy.deepcopy(base)
     graph = model.graph
-    logits = graph.output[0].name
-    if not patches:
-        return Composition(model, [], (logits,))
+    logits = find_logits(model)
     for vp in patches:
         if vp.manifest.logits_name != logits:
-            raise StructureError(f"{vp.source}: patch reads logits {vp.manifest.logits_name!r}, base outputs {logits!r}")
+            raise StructureError(f"{vp.source}: patch reads logits {vp.manifest.logits_name!r}, base logits are {logits!r}")
+    outputs = list(graph.output)
+    if logits not in {o.name for o in outputs}:
+        c = patches[-1].manifest.n_classes if patches else None
+        outputs.append(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", c] if c else None))
+    records: list[tuple[int, int]] = []
+    if patches:
+        prefix, records = _insert_patches(graph, patches, logits)
+        if expose_gates:
+            # the acting gate's value (N, 1), 0 where no record is open, and its record (N,)
+            outputs += [
+                helper.make_tensor_value_info(prefix + "gate_max", onnx.TensorProto.FLOAT, ["N", 1]),
+                helper.make_tensor_value_info(prefix + "k", onnx.TensorProto.INT64, ["N"]),
+            ]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return Composition(model, records, tuple(o.name for o in outputs), logits)
+
+
+def _insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], logits: str) -> tuple[str, list[tuple[int, int]]]:
+    """Splice one batched correction into ``graph`` right after the node that computes ``logits``
+    (so the node list stays topologically sorted: the gates read Relu inputs computed before it).
+    Returns the name prefix of the new tensors and (patch, record) for each record, in gate order."""
     existing = {t for n in graph.node for t in n.output} | {i.name for i in graph.initializer} | {i.name for i in graph.input}
     prefix = "pe_"
     while any(name.startswith(prefix) for name in existing):
@@ -65,21 +94,16 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
             Ts.append(p.T)
             ts.append(p.t)
     T, t = np.concatenate(Ts), np.concatenate(ts)
-    out_name = prefix + "logits"
+    base_logits = prefix + "base_logits"
+    at = next((k for k, node in enumerate(graph.node) if logits in node.output), None)
+    if at is None:
+        raise StructureError(f"base: no node computes the logits {logits!r}")
+    producer = graph.node[at]
+    producer.output[list(producer.output).index(logits)] = base_logits
     nodes, inits, pre = gate_nodes(prefix, groups)
-    more_nodes, more_inits = correction_nodes(prefix, pre, logits, T, t, form_of_tables(T), out_name)
-    graph.node.extend(nodes + more_nodes)
+    more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), logits)
+    rest = list(graph.node[at + 1 :])
+    del graph.node[at + 1 :]
+    graph.node.extend(nodes + more_nodes + rest)
     graph.initializer.extend(inits + more_inits)
-    c = patches[-1].manifest.n_classes
-    outputs = [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, ["N", c])]
-    names = [out_name]
-    if expose_gates:
-        # the acting gate's value (N, 1), 0 where no record is open, and its record (N,)
-        outputs += [
-            helper.make_tensor_value_info(prefix + "gate_max", onnx.TensorProto.FLOAT, ["N", 1]),
-            helper.make_tensor_value_info(prefix + "k", onnx.TensorProto.INT64, ["N"]),
-        ]
-        names += [prefix + "gate_max", prefix + "k"]
-    del graph.output[:]
-    graph.output.extend(outputs)
-    return Composition(model, records, tuple(names))
+    return prefix, records

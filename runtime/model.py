@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .base import BaseGraph
@@ -32,6 +33,21 @@ def make_session(
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def label_output(model: onnx.ModelProto, logits_name: str) -> str | None:
+    """The model's label output: the first graph output, other than the logits, that is an integer
+    or string tensor (what an ArgMax or an ``ai.onnx.ml`` label lookup produces); None if none."""
+    kinds = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.STRING}
+    for o in model.graph.output:
+        if o.name != logits_name and o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in kinds:
+            return o.name
+    return None
+
+
+def compose_gate_names(session: ort.InferenceSession) -> list[str]:
+    """The acting gate and record outputs :func:`compose` appends with ``expose_gates`` (the last two)."""
+    return [o.name for o in session.get_outputs()[-2:]]
 
 
 @dataclass(frozen=True)
@@ -75,11 +91,22 @@ class PatchedModel:
         check_patch_set(self.patches, policy)
         composition = compose(self.base.model, self.patches)
         self.model = composition.model
+        self.logits_name = composition.logits_name
+        self.output_names = tuple(o.name for o in self.base.model.graph.output)  # the base's own outputs
         self._records = composition.records
         self._threads, self._providers = threads, providers
         self.session = make_session(self.model.SerializeToString(), threads, providers)
         self._gate_session: ort.InferenceSession | None = None
         self._base_session: ort.InferenceSession | None = None
+
+    @classmethod
+    def from_state(cls, state_dir: PathLike, **kwargs) -> "PatchedModel":
+        """The model a device's state folder runs (``prune-edge update``): its base, card, policy and
+        the active set's patches, each verified again here (the folder is storage, not trust)."""
+        from .state import read_active  # the state folder layout: stdlib + runtime, no tuf
+
+        active = read_active(state_dir)
+        return cls(active.base, active.patches, card_path=active.card, policy=active.policy(), **kwargs)
 
     @property
     def n_records(self) -> int:
@@ -87,13 +114,29 @@ class PatchedModel:
         return len(self._records)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Patched logits for a float32 batch of shape (N, *input_shape)."""
+        """Patched logits for a float32 batch of shape (N, *input_shape), wherever they sit in the
+        graph (the base's output, or the input of its classifier tail)."""
         x = self.base.check_input(x)
-        return self.session.run(None, {self.base.input_name: x})[0]
+        return self.session.run([self.logits_name], {self.base.input_name: x})[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Patched labels (argmax of :meth:`logits`), int64."""
         return self.logits(x).argmax(axis=1).astype(np.int64)
+
+    def outputs(self, x: np.ndarray) -> dict[str, object]:
+        """The base's own outputs, by name, computed from the patched logits (a label, probabilities,
+        a ZipMap's list of dicts: whatever the model's classifier tail makes of them)."""
+        x = self.base.check_input(x)
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), {self.base.input_name: x})))
+
+    def labels(self, x: np.ndarray) -> list:
+        """Patched labels as the model itself reports them: its label output (:func:`label_output`,
+        e.g. skl2onnx's ``output_label``) where it has one, else the argmax of the logits."""
+        name = label_output(self.base.model, self.logits_name)
+        if name is None:
+            return self.predict(x).tolist()
+        x = self.base.check_input(x)
+        return np.asarray(self.session.run([name], {self.base.input_name: x})[0]).reshape(len(x), -1)[:, 0].tolist()
 
     def base_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits of the unchanged base alone (to show what a patch changed)."""
@@ -101,8 +144,8 @@ class PatchedModel:
         if not self.patches:
             return self.logits(x)
         if self._base_session is None:
-            self._base_session = make_session(self.base.data, self._threads, self._providers)
-        return self._base_session.run(None, {self.base.input_name: x})[0]
+            self._base_session = make_session(compose(self.base.model, []).model.SerializeToString(), self._threads, self._providers)
+        return self._base_session.run([self.logits_name], {self.base.input_name: x})[0]
 
     def logits_and_coverage(self, x: np.ndarray) -> tuple[np.ndarray, Coverage]:
         """Patched logits and, per input, the record that acts on it and its gate (one run)."""
@@ -114,7 +157,8 @@ class PatchedModel:
         if self._gate_session is None:
             model = compose(self.base.model, self.patches, expose_gates=True).model
             self._gate_session = make_session(model.SerializeToString(), self._threads, self._providers)
-        logits, gate, k = self._gate_session.run(None, {self.base.input_name: x})
+        gate_names = [self.logits_name, *compose_gate_names(self._gate_session)]
+        logits, gate, k = self._gate_session.run(gate_names, {self.base.input_name: x})
         gate = gate.reshape(-1)
         table = np.array(self._records, dtype=np.int64).reshape(-1, 2)
         patch, record = table[k, 0], table[k, 1]

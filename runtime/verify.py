@@ -110,7 +110,8 @@ def check_binding(manifest: Manifest, base: BaseGraph, source: str) -> None:
             f"found opset {base.opset} IR {base.ir_version}"
         )
     if manifest.logits_name != base.logits_name:
-        # any other (N, C) tensor would be corrected instead of the output, and the output left alone
+        # The logits the base card names (re-derived from the graph: the classifier tail's input, else
+        # the first output). Any other (N, C) tensor would be corrected instead, the outputs left alone.
         raise IncompatibleBaseError(
             f"{source}: reads logits {manifest.logits_name!r}, expected the base's output {base.logits_name!r}"
         )
