@@ -30,6 +30,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_./:-]{1,128}$")
 _PATCH_ID = re.compile(r"^[0-9a-f]{32}$")
 _CREATED = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 REQUEST_KINDS = ("points", "class")
+REQUEST_STRATEGIES = ("points", "representatives")  # how a set request became records (prune_edge.sets)
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -66,6 +67,8 @@ def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: s
 
 
 def _only_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    if not isinstance(d, Mapping):  # e.g. a gated entry that is null or a number (found by tests/test_fuzz.py)
+        raise _fail(where, "an object", d)
     extra = sorted(set(d) - allowed)
     if extra:
         raise _fail(where, f"only keys {sorted(allowed)}", extra)
@@ -308,7 +311,7 @@ class Manifest:
 def _request(doc: dict, w: str) -> dict[str, Any]:
     """The request summary: its kind, a point count and salted id commitments, nothing free-form
     (a patch's text reaches terminals and logs, so it carries no strings of the author's choosing)."""
-    _only_keys(doc, {"kind", "n_points", "id_commitments", "classes"}, w)
+    _only_keys(doc, {"kind", "n_points", "id_commitments", "classes", "strategy"}, w)
     kind = _get(doc, "kind", str, w)
     if kind not in REQUEST_KINDS:
         raise _fail(f"{w}.kind", f"one of {REQUEST_KINDS}", kind)
@@ -322,6 +325,11 @@ def _request(doc: dict, w: str) -> dict[str, Any]:
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
             raise _fail(f"{w}.classes", "a list of class indices", classes)
         out["classes"] = list(classes)
+    if "strategy" in doc:
+        strategy = _get(doc, "strategy", str, w)
+        if strategy not in REQUEST_STRATEGIES:
+            raise _fail(f"{w}.strategy", f"one of {REQUEST_STRATEGIES}", strategy)
+        out["strategy"] = strategy
     return out
 
 
