@@ -57,6 +57,7 @@ class SynthConfig:
     bounds: str = "dual"  # "dual": sound Lagrangian bounds (torch); "exact": HiGHS LPs
     dual_steps: int = 200  # measured on the default MLP: median gap 0.05% to the LP optimum (max 10%), 10-15x faster than HiGHS
     lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
+    target: str = "confuse"  # what a record maps its region to: PRUNE's confusing label or "unseen" (prune_edge.targets)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +68,10 @@ class SynthConfig:
             raise ValueError(f"margin: expected > 0, found {self.margin}")
         if self.bounds not in BOUNDS:
             raise ValueError(f"bounds: expected one of {BOUNDS}, found {self.bounds!r}")
+        if self.target not in ("confuse", "unseen"):
+            raise ValueError(f"target: expected confuse or unseen, found {self.target!r}")
+        if self.target == "unseen" and self.mode != "collapse":
+            raise ValueError("target unseen: its records are collapse-form (a calibrated constant output); use mode collapse")
 
     @property
     def q_upper(self) -> float:
@@ -162,6 +167,7 @@ def synthesize(
     device: str = "cpu",
     progress: bool = True,
     after: Sequence[RecordSet] = (),
+    calibration: np.ndarray | None = None,
 ) -> SynthResult:
     """Build certified records that move every forget point to a confusing label.
 
@@ -197,13 +203,20 @@ def synthesize(
     plans = []
     for members, draw, must in zip(groups.values(), draws, forced):
         member_labels = {labels[i] for i in members}
-        if len(must) > 1 or (must and must & member_labels):
+        if len(must) > 1 or (must and must & member_labels and config.target == "confuse"):
             raise RequestError(
                 f"training point {int(ids[members[0]])}: its region meets earlier records with targets {sorted(must)}; "
                 "no target keeps both certificates (try --gate-layers all)"
             )
         target = next(iter(must)) if must else choose_target(draw, member_labels, {preds[i] for i in members}, n_classes)
         plans.append((members, target))
+    if config.target == "unseen":  # label and output of a model that never saw the points (prune_edge.targets)
+        from .targets import unseen_rows
+
+        if calibration is None:
+            raise ValueError("target unseen needs the calibration logits (prune_edge.targets.load_or_build_calibration)")
+        unseen = unseen_rows(calibration, [m for m, _ in plans], ids, forced, config.margin, config.q_lower)
+        plans = [(m, tg) for (m, _), tg in zip(plans, unseen.targets)]
     t_regions = time.perf_counter() - t0
     p, rows = len(plans), n_classes - 1
     lp_solves, t_lp, bound_stats = 0, 0.0, {}
@@ -223,6 +236,8 @@ def synthesize(
         alpha = np.zeros((p, rows))
         beta = np.full((p, rows), np.floor((config.q_upper - SPEC_INSET) * 1e6) / 1e6)
         mean_scale, mean_shift = np.zeros(p), np.round(logits[reps].mean(axis=1), 6)  # the region's mean logit
+        if config.target == "unseen":
+            beta, mean_shift = unseen.beta, unseen.mean_shift
     T, t = affine_from_scales_many([target for _, target in plans], np.column_stack([alpha, mean_scale]),
                                    np.column_stack([beta, mean_shift]), n_classes)
     records = [
