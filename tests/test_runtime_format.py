@@ -357,7 +357,7 @@ INVALID_MANIFESTS = [
     ("chain_after_not_str", _set("chain.after", [7]), r"signed\.chain: expected position >= 0 and lists of patch ids"),
     ("chain_extra_key", _set("chain.note", "x"), r"signed\.chain: expected only keys"),
     ("request_not_object", _set("request", []), r"signed\.request: expected dict"),
-    ("request_free_form_key", _set("request.note", "deleted at the user's request"), r"signed\.request: expected only keys \['classes', 'id_commitments', 'kind', 'n_points'\], found \['note'\]"),
+    ("request_free_form_key", _set("request.note", "deleted at the user's request"), r"signed\.request: expected only keys \['classes', 'id_commitments', 'kind', 'n_points', 'strategy'\], found \['note'\]"),
     ("request_kind_unknown", _set("request.kind", "everything"), r"signed\.request\.kind: expected one of \('points', 'class'\)"),
     ("request_kind_missing", _delete("request.kind"), r"signed\.request\.kind: expected a value"),
     ("request_n_points_missing", _delete("request.n_points"), r"signed\.request\.n_points: expected a value"),
