@@ -27,11 +27,12 @@ from . import __version__
 from .activations import TrainActivations, choose_base_step
 from .data import NAMED_DATASETS, Dataset, load_dataset
 from .exporters.onnx_base import export_base
+from .ledger import LEDGER_DIRNAME, entries
 from .models.nets import PreactNet, build_model
 from .runtime.errors import BaseModelError, PruneEdgeError
 from .runtime.base import BaseGraph
 from .runtime.basecard import BaseCard, card_path_for, relu_inputs
-from .runtime.fileio import PathLike, sha256_file
+from .runtime.fileio import PathLike, apply_umask, sha256_file
 from .runtime.model import PatchedModel
 from .train import TrainConfig, fit
 
@@ -126,7 +127,15 @@ def bound_patches(base_dir: PathLike) -> list[Path]:
             return []
         sha = sha256_file(folder / ONNX_NAME)
     found = []
-    for where in dict.fromkeys((folder, folder.parent)):
+    recorded = []  # where build-patch wrote the patches it recorded in this base's ledger
+    try:
+        recorded = [Path(doc["patch"]) for doc in entries(folder / LEDGER_DIRNAME) if isinstance(doc.get("patch"), str)]
+    except PruneEdgeError:
+        pass
+    folders: dict[Path, Path] = {}  # each folder once (by its real path), named as first seen
+    for w in (folder, folder.parent, *(p.parent for p in recorded)):
+        folders.setdefault(w.resolve(), w)
+    for where in folders.values():
         for path in sorted(where.glob(f"*{PATCH_SUFFIX}")):
             try:
                 if path.is_file() and read_patch_file(path).manifest.base_sha256 == sha:
@@ -154,6 +163,24 @@ def check_base_out(out_dir: PathLike, overwrite: bool) -> None:
     raise BaseModelError(f"{out}: expected a new folder, found an existing base{orphaned}; pass --force to overwrite it")
 
 
+def new_base_tmp(out: Path) -> Path:
+    """A temp folder beside ``out`` to build a base folder in (the user's umask, not mkdtemp's 0700)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    apply_umask(tmp, folder=True)
+    return tmp
+
+
+def install_base_folder(tmp: Path, out: Path) -> None:
+    """Put a finished base folder in place of ``out``. The old base's ledger moves along: the request
+    records outlive the base they were made for (they name the ids the next training must leave out)."""
+    if (out / LEDGER_DIRNAME).is_dir():
+        shutil.copytree(out / LEDGER_DIRNAME, tmp / LEDGER_DIRNAME)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def train_base(
     dataset: str,
     arch: str,
@@ -173,8 +200,7 @@ def train_base(
     ds = load_dataset(dataset)
     config = TrainConfig(arch=arch, seed=seed, epochs=epochs)
     net, stats = fit(ds.x_train, ds.y_train, ds.n_classes, config, device=device, progress=progress, desc=f"train {arch}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_base_tmp(out)
     try:
         export = export_base(net, ds.input_shape, tmp / ONNX_NAME)
         torch.save(net.state_dict(), tmp / WEIGHTS_NAME)
@@ -206,9 +232,7 @@ def train_base(
             raise BaseModelError(f"exported graph's Relu inputs {[g.name for g in device_card.relu_inputs]} are not its pre-activations")
         card["device_card"] = {"file": DEVICE_CARD_NAME, "gate_step_log2": device_card.gate_step_log2}
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        install_base_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +258,10 @@ def load_base(path: PathLike) -> BaseBundle:
     """Load a base folder, checking that base.onnx and the weights are the ones the card pins."""
     folder = Path(path)
     card = read_card(folder)
+    if card.get("arch") == "imported":  # the user's own ONNX model (prune-edge import-base): no weights.pt
+        from .importer.folder import load_imported
+
+        return load_imported(folder, card)
     for key, name in (("onnx", ONNX_NAME), ("weights", WEIGHTS_NAME)):
         f = folder / name
         if not f.exists():

@@ -48,6 +48,7 @@ def run_bench(
     progress: bool = True,
     sweep_gate_layers: tuple[str, ...] = ("all", "last:1"),
     threads: int | None = None,
+    sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every measurement and return the JSON-able results."""
     import onnxruntime as ort
@@ -216,6 +217,13 @@ def run_bench(
         "device_load": device_load,
         "goals": GOALS,
     }
+    if sets is not None:
+        # issue "sets": set/class/stream requests, both strategies (prune_edge.sets_bench); own plot
+        from .sets_bench import plot_sets, run_sets_bench
+
+        results["sets"] = run_sets_bench(bundle, out / "sets", seed=seed, device=device, progress=progress,
+                                         threads=threads, **sets)
+        plot_sets(results["sets"], out / "sets.png")
     atomic_write_bytes(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
     _plot(results, out / "bench.png")
     return results
@@ -315,22 +323,34 @@ def format_table(r: dict[str, Any]) -> str:
     for d in r.get("device_load", []):
         rows.append((f"device load of a {d['patches']}-point patch, gate {d['gate_layers']}: checks; checks + compose + session",
                      f"{1e3 * d['verify_seconds']:.1f} ms; {1e3 * d['load_seconds']:.1f} ms", ""))
+    if "sets" in r:
+        from .sets_bench import format_sets_rows
+
+        rows += format_sets_rows(r["sets"])
     return table(rows, header=("measurement", "value", "ratio"))
 
 
 @click.command()
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--base", "base_dir", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--base", "base_dir", default=None, type=click.Path(file_okay=False),
               help="Existing base folder (default: train the mnist5k MLP into --out).")
 @click.option("--points", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--latency-patches", default="1,20,100,1000", show_default=True, help="Patch sizes for the latency sweep.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--sets/--no-sets", "with_sets", default=True, show_default=True,
+              help="Also measure set, class and stream requests with both strategies (prune_edge.sets_bench).")
+@click.option("--sets-sizes", default="200,1000", show_default=True, help="Random set request sizes.")
+@click.option("--sets-class", type=click.IntRange(min=0), default=3, show_default=True, help="Class to forget.")
+@click.option("--sets-mode", type=click.Choice(["prune", "collapse"]), default="prune", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench(out: str, base_dir: str | None, points: int, latency_patches: str, seed: int, device: str, threads: int | None,
-          as_json: bool) -> None:
+          with_sets: bool, sets_sizes: str, sets_class: int, sets_mode: str, as_json: bool) -> None:
     """Benchmark patches against retraining: build time, bytes, onnxruntime latency (table, JSON, plot)."""
+    from .cli import _require
+
+    _require(base_dir, "a base folder (from `prune-edge train-base`)", folder=True)  # bad input: exit 1
     try:
         sizes = tuple(int(v) for v in latency_patches.split(",") if v.strip())
     except ValueError:
@@ -338,8 +358,15 @@ def bench(out: str, base_dir: str | None, points: int, latency_patches: str, see
     if any(v < 1 for v in sizes):
         # checked before the minutes of work that come before the sweep
         raise click.BadParameter(f"expected patch sizes >= 1, found {min(sizes)}", param_hint="--latency-patches")
+    try:
+        set_sizes = tuple(int(v) for v in sets_sizes.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers", param_hint="--sets-sizes") from None
+    if any(v < 1 for v in set_sizes):
+        raise click.BadParameter(f"expected sizes >= 1, found {min(set_sizes)}", param_hint="--sets-sizes")
+    sets = {"sizes": set_sizes, "forget_class": sets_class, "mode": sets_mode} if with_sets else None
     results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json,
-                        threads=threads)
+                        threads=threads, sets=sets)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

@@ -22,6 +22,9 @@ from .report import pct as _pct
 from .report import table as _table
 from .runtime.errors import InputError, PatchVerificationError, PruneEdgeError
 
+if __name__ == "__main__":  # `python -m prune_edge.cli`: command modules that import `.cli` get this module
+    sys.modules.setdefault("prune_edge.cli", sys.modules[__name__])
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 
 
@@ -91,6 +94,17 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o).__name__)
+
+
+def _jsonable(v: Any) -> Any:
+    """A model output as JSON: arrays as lists, a ZipMap's dicts with string keys."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist()) if v.dtype == object else v.tolist()
+    return _json_default(v) if isinstance(v, (np.generic,)) else v
 
 
 def _require(path: str | None, what: str, folder: bool = False) -> None:
@@ -236,9 +250,15 @@ def _card_table(card: dict) -> str:
 
 @main.command("build-patch")
 @click.option("--base", "base_dir", required=True, type=click.Path(), help="Base folder (train-base).")
-@click.option("--forget", "forget_path", required=True, type=click.Path(), help="Training-split ids, one per line.")
+@click.option("--forget", "forget_path", default=None, type=click.Path(), help="Training-split ids, one per line.")
+@click.option("--forget-class", "forget_classes", multiple=True, type=click.IntRange(min=0),
+              help="Forget every training point of this class (repeatable; instead of --forget).")
+@click.option("--strategy", type=click.Choice(["points", "representatives"]), default=None,
+              help="How a set becomes records (default: points; see prune_edge.sets). Recorded in the manifest.")
+@click.option("--budget", type=click.IntRange(min=1), default=None, help="Most records the patch may hold.")
+@click.option("--allow-partial", is_flag=True, help="Write the patch even if the budget leaves points uncertified.")
 @click.option("--mode", type=click.Choice(["prune", "collapse"]), default="prune", show_default=True)
-@click.option("--gate-layers", default=None, help="'all' or 'last:K'. Default: all (mlp), last:1 (cnn).")
+@click.option("--gate-layers", default=None, help="'all' or 'last:K'. Default: all (mlp, imported), last:1 (cnn).")
 @click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=None, help="Fixed gate sharpness (default: widest safe gate per patch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random confusing labels.")
 @click.option("--bounds", type=click.Choice(["dual", "exact"]), default="dual", show_default=True,
@@ -247,38 +267,61 @@ def _card_table(card: dict) -> str:
               help="A patch devices already run (repeatable): checked together with the new one.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Patch file to write (.pepatch).")
+@click.option("--ledger", "ledger", type=click.Path(file_okay=False), default=None,
+              help="Server-side folder recording the request (ids + salt). Default: BASE/ledger. Never ship it.")
+@click.option("--target", "target", type=click.Choice(["confuse", "unseen"]), default="confuse", show_default=True,
+              help="confuse: PRUNE's random wrong label; unseen: the calibrated output of models that never saw the "
+                   "points (collapse-form records; implies --mode collapse; see prune_edge.targets).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def build_patch_cmd(base_dir, forget_path, mode, gate_layers, gamma, seed, bounds, after, device, out, as_json) -> None:
+def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, budget, allow_partial, mode, gate_layers, gamma, seed, bounds, after, device, out, ledger, target, as_json) -> None:
     """Compute a certified PRUNE patch that makes the base forget the given training points."""
     from .basedir import load_base, read_card
     from .requests import read_forget_ids
     from .synth import SynthConfig
-    from .unlearn import build_point_patch
 
     _check_device(device)
     _require(base_dir, "a base folder (from `prune-edge train-base`)", folder=True)
+    if (forget_path is None) == (not forget_classes):
+        raise click.UsageError("expected exactly one of --forget IDS.txt or --forget-class K")
     _require(forget_path, "a forget file of training-split ids")
     for p in after:
         _require(p, "a patch file (.pepatch) for --after")
     # The request is checked against the card's training-set size before the seconds of loading the base.
     n_train = read_card(base_dir).get("dataset", {}).get("n_train")
-    if isinstance(n_train, int):
+    if isinstance(n_train, int) and forget_path is not None:
         read_forget_ids(forget_path, n_train)
     bundle = load_base(base_dir)
-    ids = read_forget_ids(forget_path, len(bundle.dataset.x_train))
-    layers = gate_layers or ("all" if bundle.card["arch"] == "mlp" else "last:1")
+    if forget_classes:
+        from .sets import class_ids
+
+        ids = class_ids(bundle.dataset.y_train, forget_classes, bundle.dataset.n_classes)
+    else:
+        ids = read_forget_ids(forget_path, len(bundle.dataset.x_train))
+    layers = gate_layers or ("all" if bundle.card["arch"] in ("mlp", "imported") else "last:1")
     try:
         from .regions import parse_gate_layers
 
         parse_gate_layers(layers, bundle.net.n_hidden)
-        config = SynthConfig(mode=mode, gate_layers=layers, gamma=gamma, seed=seed, bounds=bounds)
+        if target == "unseen" and click.get_current_context().get_parameter_source("mode").name == "DEFAULT":
+            mode = "collapse"
+        config = SynthConfig(mode=mode, gate_layers=layers, gamma=gamma, seed=seed, bounds=bounds, target=target)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--gate-layers/--gamma") from None
-    report = build_point_patch(bundle, ids, config, out, device=device, progress=not as_json, after=after)
+        raise click.BadParameter(str(exc), param_hint="--gate-layers/--gamma/--target") from None
+    from .sets import DEFAULT_STRATEGY, SetConfig, build_set_patch
+
+    sets = SetConfig(strategy=strategy or DEFAULT_STRATEGY, budget=budget, allow_partial=allow_partial)
+    report = build_set_patch(bundle, ids, config, out, sets, device=device, progress=not as_json, after=after, ledger=ledger,
+                             classes=list(forget_classes) if forget_classes else None)
     if as_json:
         _emit_json(report)
+    elif report.get("answered_from_chain"):
+        click.echo(f"all {report['points']} points are already forgotten by the chain given with --after; no patch written")
     else:
         click.echo(_build_table(report))
+
+
+def _seconds(v: float | None) -> str:
+    return "n/a (imported)" if v is None else f"{v:.2f}"
 
 
 def _build_table(r: dict) -> str:
@@ -288,13 +331,19 @@ def _build_table(r: dict) -> str:
     rows = [("points / records", f"{r['points']} / {r['records']}"), ("mode", f"{r['mode']}, gate layers {r['gate_layers']}")]
     if r["already_covered"]:
         rows.append(("already covered by --after", r["already_covered"]))
+    if "strategy" in r:  # prune_edge.sets: how the set became records, and where every point ended
+        syn = r["synthesis"]
+        rows.append(("strategy / points certified", f"{r['strategy']} / {syn['certified']} of {syn['points'] - syn['already_covered']}"))
+        if r["uncertified_ids"]:
+            rows.append(("left uncertified (--allow-partial)", " ".join(map(str, r["uncertified_ids"]))))
     rows += [(f"{k} accuracy", f"{_pct(v['before'])} -> {_pct(v['after'])}") for k, v in acc.items()]
     rows += [(f"{k} logits unchanged", f"{v['unchanged']}/{v['points']} (gates touched {v['gate_touched']})") for k, v in loc.items()]
     rows += [
         ("forget points on target label", f"{ev['forget_to_target']}/{ev['forget_patched_here']}"),
-        ("build seconds", f"{r['build_seconds']:.3f} (base training {r['base_training_seconds']:.2f})"),
+        ("build seconds", f"{r['build_seconds']:.3f} (base training {_seconds(r['base_training_seconds'])})"),
         ("patch bytes", f"{r['patch_bytes']} ({_pct(r['patch_to_base'])} of base {r['base_bytes']})"),
         ("patch", f"{r['patch']} (id {r['patch_id']})"),
+        ("request recorded in", f"{r['ledger_entry']} (server only)"),
     ]
     return _table(rows)
 
@@ -332,9 +381,11 @@ def _patched(base: str, patches: Sequence[str], card_path: str | None, policy):
 @main.command()
 @click.option("--base", required=True, type=click.Path(), help="base.onnx")
 @click.option("--patch", "patches", multiple=True, type=click.Path(), help="Patch file(s), applied in order.")
-@click.option("--input", "input_path", required=True, type=click.Path(), help="float32 .npy of shape (N, C, H, W).")
-@click.option("--logits-out", type=click.Path(dir_okay=False), default=None, help="Write the logits to this .npy.")
-@click.option("--json", "as_json", is_flag=True, help="Print labels as JSON.")
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="float32 .npy in the model's input layout: (N, C, H, W) for trained bases.")
+@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the (patched) logits to this .npy, wherever they sit in the graph.")
+@click.option("--json", "as_json", is_flag=True, help="Print labels (and a classifier tail's outputs) as JSON.")
 @_device_options
 def predict(base, patches, input_path, logits_out, as_json, card_path, policy_path, max_gate_width) -> None:
     """Run the base (plus verified patches) with onnxruntime and print labels."""
@@ -348,9 +399,12 @@ def predict(base, patches, input_path, logits_out, as_json, card_path, policy_pa
 
         with atomic_path(logits_out) as tmp, open(tmp, "wb") as fh:
             np.save(fh, logits)
-    labels = logits.argmax(1).tolist()
+    labels = model.labels(x)  # the model's own label output where it has one (a converter's tail)
     if as_json:
-        _emit_json({"labels": labels, "patches": [p.manifest.patch_id for p in model.patches]})
+        doc = {"labels": labels, "patches": [p.manifest.patch_id for p in model.patches]}
+        if model.output_names != (model.logits_name,):  # a classifier tail: every output, patched
+            doc["outputs"] = _jsonable(model.outputs(x))
+        _emit_json(doc)
     else:
         click.echo("\n".join(map(str, labels)))
 
@@ -537,9 +591,55 @@ def demo(out: str, points: int, mode: str, seed: int, device: str, as_json: bool
         click.echo(result["table"])
 
 
+@main.command("export-sessions")
+@click.option("--base", required=True, type=click.Path(), help="base.onnx the patches are bound to.")
+@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(), help="Patch file(s), in the order the device runs them.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write base.tapped.onnx, patch.onnx, io.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the wiring as JSON.")
+@_device_options
+def export_sessions(base, patches, out, as_json, card_path, policy_path, max_gate_width) -> None:
+    """Verify patches, then write them as two plain ONNX graphs for a device app in any language:
+    the base with its tapped tensors as outputs, and one batched patch graph fed with them."""
+    from .runtime.fileio import atomic_write_bytes
+    from .runtime.split import split_sessions
+
+    _require_device_inputs(base, patches, card_path, policy_path)
+    model = _patched(base, patches, card_path, _policy(policy_path, max_gate_width))  # every check, or exit 3
+    split = split_sessions(model.base, model.patches)
+    folder = Path(out)
+    atomic_write_bytes(folder / "base.tapped.onnx", split.base.SerializeToString())
+    atomic_write_bytes(folder / "patch.onnx", split.patch.SerializeToString())
+    atomic_write_bytes(folder / "io.json", (json.dumps(split.io(), indent=2) + "\n").encode())
+    if as_json:
+        _emit_json(split.io())
+    else:
+        click.echo(_table([
+            ("patches verified", f"{len(model.patches)} ({model.n_records} records, one batched correction)"),
+            ("session 1", f"{folder / 'base.tapped.onnx'}: input {split.input_name!r} -> {', '.join(split.feeds)}"),
+            ("session 2", f"{folder / 'patch.onnx'}: {', '.join(split.feeds)} -> {split.logits_name!r}"),
+        ]))
+
+
 from .bench import bench  # noqa: E402  (torch is imported only when the command runs)
 
 main.add_command(bench)
+
+from .cli_delivery import register as _register_delivery  # noqa: E402  (repo, update, status, bench-update, leakage)
+
+_register_delivery(main)
+
+from .cli_sets import compact  # noqa: E402  (merge a chain into one patch; torch-free)
+
+main.add_command(compact)
+
+from .cli_import import import_base_cmd, inspect_base  # noqa: E402  (bring your own ONNX model)
+
+main.add_command(import_base_cmd)
+main.add_command(inspect_base)
+
+from .cli_eval import evaluate_unlearning  # noqa: E402  (privacy and baselines, issue 11)
+
+main.add_command(evaluate_unlearning)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .basedir import BaseBundle
 from .evaluate import evaluate_patch
+from .ledger import default_ledger, record_request
 from .exporters.patch_export import BaseRef, RecordCert, build_patch, commit_ids, new_salt, write_patch
-from .runtime.fileio import PathLike, atomic_write_bytes
+from .runtime.fileio import PathLike
 from .runtime.manifest import GatedTensor
 from .runtime.patchfile import unpack
 from .runtime.verify import VerifiedPatch, check_patch_set, verify_patch
@@ -43,6 +43,9 @@ def build_point_patch(
     progress: bool = True,
     evaluate: bool = True,
     after: Sequence[PathLike] = (),
+    ledger: PathLike | None = None,
+    synth: Callable[..., SynthResult] | None = None,
+    request: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Synthesise, package, self-verify and write a patch forgetting ``forget_ids``.
 
@@ -50,18 +53,27 @@ def build_point_patch(
     regions are answered from them (not patched again), and the new patch is checked together with
     them, so a device running the whole chain keeps every certificate. The file is verified with the
     device's own checks before it is written (atomically), so the server never ships a patch a device
-    would refuse. The id salt goes to ``OUT.request.json`` beside the patch (server-side record),
-    never into the patch.
+    would refuse. The ids and their salt go to the server's ledger (``ledger``, default ``ledger/`` in
+    the base folder; see ``prune_edge.ledger``), never into the patch nor beside it.
     """
     ds = bundle.dataset
     dev = resolve_device(device)
     earlier: list[VerifiedPatch] = [verify_patch(p, bundle.graph) for p in after]
     check_patch_set(earlier)
-    result = synthesize(bundle.net, ds.x_train, ds.y_train, forget_ids, config, activations=bundle.activations,
-                        device=str(dev), progress=progress, after=[vp.record_set() for vp in earlier])
+    calibration = None
+    if config.target == "unseen":  # shadow models' calibrated logits, cached in the base folder (prune_edge.targets)
+        from .targets import load_or_build_calibration
+
+        calibration = load_or_build_calibration(bundle, progress=progress).logits
+    # ``synth``: another strategy with synthesize's signature (prune_edge.sets); ``request``: fields it
+    # adds to the manifest's request (strategy, class kind)
+    result = (synth or synthesize)(bundle.net, ds.x_train, ds.y_train, forget_ids, config, activations=bundle.activations,
+                        device=str(dev), progress=progress, after=[vp.record_set() for vp in earlier],
+                        calibration=calibration)
     salt = new_salt()
     t0 = time.perf_counter()
-    request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt)}
+    request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt),
+               **(request or {})}
     chain = {
         "position": 1 + max((vp.manifest.chain["position"] for vp in earlier), default=-1),
         "after": [vp.manifest.patch_id for vp in earlier],
@@ -77,16 +89,21 @@ def build_point_patch(
     write_patch(out, data)
     sidecar = {
         "patch_id": manifest.patch_id,
+        "patch": str(Path(out).resolve()),
+        "base_sha256": bundle.card["onnx"]["sha256"],
+        "chain": chain,
         "ids": [int(i) for i in forget_ids],
         "id_salt": salt.hex(),
         "targets": {int(forget_ids[m]): r.target for r in result.records for m in r.members},
         "covered_by_earlier": {int(forget_ids[i]): {"patch": src, "record": rec} for i, (src, rec) in result.covered.items()},
     }
-    atomic_write_bytes(str(out) + ".request.json", (json.dumps(sidecar, indent=1) + "\n").encode())
+    ledger_entry = record_request(default_ledger(bundle.path) if ledger is None else ledger, sidecar)
     report: dict[str, Any] = {
         "patch": str(out),
         "patch_id": manifest.patch_id,
+        "ledger_entry": str(ledger_entry),
         "mode": config.mode,
+        "target": config.target,
         "gate_layers": config.gate_layers,
         "points": int(len(forget_ids)),
         "records": len(result.records),

@@ -30,9 +30,31 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: PathLike, folder: bool = False) -> None:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (always 0600/0700) the mode a plain
+    ``open``/``mkdir`` would have given it, so outputs follow the user's umask like any other tool's."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: PathLike, secret: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The result gets the user's umask like any file they create, unless ``secret`` (then 0600)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -42,14 +64,18 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        if secret:
+            os.chmod(tmp_path, 0o600)
+        else:
+            apply_umask(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: PathLike, data: bytes, secret: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path (mode 0600 if ``secret``)."""
+    with atomic_path(path, secret=secret) as tmp:
         tmp.write_bytes(data)
     return Path(path)

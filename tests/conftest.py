@@ -75,3 +75,19 @@ def chain(workdir, mlp_bundle, patches, second_ids) -> dict:
     report = build_point_patch(mlp_bundle, second_ids, SynthConfig(mode="collapse", seed=1), path, device="cpu",
                                progress=False, after=[patches["prune"][0]])
     return {"first": patches["prune"][0], "second": path, "report": report}
+
+
+def ledger_record(patch_path) -> dict:
+    """The server's ledger record of a patch: in ``ledger/`` of the base folder it was built from (found
+    next to the patch or up to two folders above it), never beside the patch itself."""
+    from prune_edge.ledger import ENTRY_SUFFIX, read_entry
+    from prune_edge.runtime import read_patch_file
+
+    path = Path(patch_path)
+    assert not Path(str(path) + ".request.json").exists() and not Path(str(path) + ENTRY_SUFFIX).exists()
+    pid = read_patch_file(path).manifest.patch_id
+    for root in (path.parent, path.parent.parent, path.parent.parent.parent):
+        hits = sorted(root.glob(f"**/ledger/{pid}{ENTRY_SUFFIX}"))
+        if hits:
+            return read_entry(hits[0])
+    raise AssertionError(f"no ledger record of patch {pid} near {path}")

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from prune_edge.cli import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, main
+from conftest import ledger_record
 
 
 @pytest.fixture()
@@ -212,7 +213,7 @@ def test_verify_sample(runner, tmp_path, mlp_bundle, patches, forget_ids):
     cov = doc["covered_by"]
     assert cov["gate"] == 1.0 and cov["certified"]
     assert doc["patched_prediction"] == cov["target"] == records[cov["record"]].target
-    side = json.loads(Path(str(patch) + ".request.json").read_text())
+    side = ledger_record(patch)
     assert cov["patch_id"] == side["patch_id"] and cov["target"] == side["targets"][str(i)]
     # the table names the covering record and the status
     table = runner.invoke(main, args[:-1] + ["--label", str(int(ds.y_train[i]))])

@@ -55,6 +55,11 @@ def test_train_base_refuses_to_overwrite_a_base_unless_forced(digits_base):
     built = _cli("build-patch", "--base", "b", "--forget", "f.txt", "--mode", "collapse", "--out", "p.pepatch",
                  "--json", cwd=root)
     assert built.returncode == 0, built.stderr
+    # the request (ids + salt) goes to the base's ledger, not beside the file devices download
+    assert not (root / "p.pepatch.request.json").exists()
+    records = list((digits_base / "ledger").glob("*.request.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["ids"] == [1, 2]
+    record_bytes = records[0].read_bytes()
     (digits_base / "copy.pepatch").write_bytes((root / "p.pepatch").read_bytes())
     (root / "junk.pepatch").write_bytes(b"not a zip")  # unreadable: not counted, not an error
     before = _digest(digits_base)
@@ -73,6 +78,8 @@ def test_train_base_refuses_to_overwrite_a_base_unless_forced(digits_base):
     card = json.loads(forced.stdout)
     assert card["training"]["epochs"] == 3
     assert json.loads((digits_base / "card.json").read_text())["training"]["epochs"] == 3
+    # the requests outlive the base they were made for: a retrained base keeps the ledger
+    assert [p.read_bytes() for p in (digits_base / "ledger").glob("*.request.json")] == [record_bytes]
 
 
 def test_train_base_names_no_patches_when_none_are_bound(tmp_path, digits_base):
@@ -141,6 +148,7 @@ EXIT_CASES = [
     pytest.param(["build-patch"], 2, "Missing option '--base'", id="build-no-arguments"),
     pytest.param(["train-base"], 2, "Missing option '--out'", id="train-no-out"),
     pytest.param(["dataset", "sample", "digits", "--index", "1"], 2, "Missing option '--out'", id="sample-no-out"),
+    pytest.param(["bench", "--base", "missing-base", "--out", "o"], 1, "missing-base: expected a base folder", id="bench-missing-base"),
     pytest.param(["--bogus"], 2, "No such option '--bogus'", id="unknown-option"),
 ]
 
@@ -179,3 +187,37 @@ def test_build_patch_checks_the_request_before_loading_the_base(tmp_path, mlp_ba
                                        "--out", str(tmp_path / "o.pepatch")])
     assert result.exit_code == EXIT_FAILURE, result.output
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'f.txt'}:2: expected an index in [0, 4000), found 4000"]
+
+
+def test_outputs_follow_the_umask_and_the_ledger_stays_private(tmp_path):
+    """Files and folders the CLI writes get the user's umask, like any tool's (atomic writes go
+    through mkstemp/mkdtemp, which would make them 0600/0700); the ledger, which holds the salts that
+    open a patch's id commitments, is 0700/0600 whatever the umask."""
+    import os
+    import stat
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "prune_edge.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, preexec_fn=lambda: os.umask(0o027))
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert run("train-base", "--dataset", "digits", "--epochs", "1", "--out", "b", "--json").returncode == 0
+    assert mode(tmp_path / "b") == 0o750
+    assert {mode(p) for p in (tmp_path / "b").iterdir() if p.is_file()} == {0o640}
+    assert run("dataset", "sample", "digits", "--index", "3", "--out", "s.npy").returncode == 0
+    assert mode(tmp_path / "s.npy") == 0o640
+    (tmp_path / "f.txt").write_text("3\n")
+    built = run("build-patch", "--base", "b", "--forget", "f.txt", "--mode", "collapse", "--out", "p.pepatch", "--json")
+    assert built.returncode == 0, built.stderr
+    assert mode(tmp_path / "p.pepatch") == 0o640
+    ledger = tmp_path / json.loads(built.stdout)["ledger_entry"]
+    assert ledger.parent == tmp_path / "b" / "ledger"
+    assert mode(ledger.parent) == 0o700 and mode(ledger) == 0o600
+    # --ledger puts the record where the operator says (e.g. a folder only the service account reads)
+    built = run("build-patch", "--base", "b", "--forget", "f.txt", "--mode", "collapse", "--out", "q.pepatch",
+                "--ledger", "private/requests", "--json")
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / json.loads(built.stdout)["ledger_entry"]).parent == tmp_path / "private" / "requests"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f.txt", "p.pepatch", "private", "q.pepatch", "s.npy"]

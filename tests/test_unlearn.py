@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from scipy.optimize import linprog  # noqa: E402
 
-from conftest import PRUNE_BOUNDS  # noqa: E402
+from conftest import PRUNE_BOUNDS, ledger_record  # noqa: E402
 from prune_edge.basedir import load_base, train_base  # noqa: E402
 from prune_edge.evaluate import LOCALITY_ATOL  # noqa: E402
 from prune_edge.exporters.patch_export import commit_ids  # noqa: E402
@@ -44,7 +44,8 @@ REF_ATOL = 1e-4
 
 # ----------------------------------------------------------------------------- helpers
 def sidecar(path) -> dict:
-    return json.loads(Path(str(path) + ".request.json").read_text())
+    """The server's ledger record of a patch (in its base folder's ledger/, never beside the patch)."""
+    return ledger_record(path)
 
 
 def split_points(ds, forget_ids):
