@@ -131,7 +131,7 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         for i, attack in enumerate(attacks):
             ax = axes[i][j]
             for k, (m, sc) in enumerate(results["requests"][req]["scores_seed0"].items()):
-                if attack not in sc:
+                if attack not in sc:  # (k counts every method, so a method keeps its colour in every panel)
                     continue
                 f, t = roc_curve(np.array(sc[attack][0]), np.array(sc[attack][1]))
                 st = _style(m, k)

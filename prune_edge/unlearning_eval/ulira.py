@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-ULIRA_METHODS = ("prune-unseen", "collapse-confuse", "retrain", "finetune")
 SHADOW_META = "shadow.json"
 
 
