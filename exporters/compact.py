@@ -17,7 +17,7 @@ from ..runtime.errors import RequestError
 from ..runtime.manifest import Manifest
 from ..runtime.patchgraph import PatchParams
 from ..runtime.verify import VerifiedPatch
-from .patch_export import BaseRef, RecordCert, build_patch
+from .patch_export import BaseRef, RecordCert, build_patch, build_suppression_patch
 
 
 def _same(patches: Sequence[VerifiedPatch], what: str, key: Any) -> Any:
@@ -42,6 +42,8 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
     q_lower, q_upper = _same(patches, "specification", lambda vp: (vp.manifest.q_lower, vp.manifest.q_upper))
     m0 = ms[0]
     ref = BaseRef(m0.base_sha256, m0.base_opset, m0.base_ir_version, m0.logits_name, m0.n_classes, m0.gated)
+    if mode == "suppress":
+        return _compact_suppressions(patches, ref, q_lower, q_upper)
     ps = [vp.params for vp in patches]
     params = PatchParams(
         signs=np.concatenate([p.signs for p in ps]), gamma=np.concatenate([p.gamma for p in ps]),
@@ -70,3 +72,21 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
     }
     chain["after"] = list(dict.fromkeys(chain["after"]))
     return build_patch(ref, params, certs, mode, q_lower, q_upper, request, chain)
+
+
+def _chain_of(ms: Sequence[Manifest]) -> dict[str, Any]:
+    replaced = [m.patch_id for m in ms]
+    after = [pid for m in ms for pid in m.chain["after"] if pid not in replaced]
+    return {"position": min(int(m.chain["position"]) for m in ms), "after": list(dict.fromkeys(after)), "replaces": replaced}
+
+
+def _compact_suppressions(patches: Sequence[VerifiedPatch], ref: BaseRef, q_lower: float, q_upper: float) -> tuple[Manifest, bytes]:
+    """Suppressions of one margin merge into the suppression of the union of their classes (the same
+    graph arithmetic as the composed chain: see :func:`..runtime.patchgraph.merge_suppressions`)."""
+    margin = _same(patches, "suppression margin", lambda vp: vp.manifest.suppress["margin"])
+    ms = [vp.manifest for vp in patches]
+    classes = sorted({int(k) for m in ms for k in m.suppress["classes"]})
+    request = {"kind": "class", "n_points": sum(int(m.request.get("n_points", 0)) for m in ms),
+               "id_commitments": sorted(c for m in ms for c in m.request.get("id_commitments", [])),
+               "classes": classes, "strategy": "suppress"}
+    return build_suppression_patch(ref, classes, margin, ms[0].gate_step_log2, q_lower, q_upper, request, _chain_of(ms))

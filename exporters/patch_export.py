@@ -19,7 +19,7 @@ import numpy as np
 from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
 from ..runtime.manifest import GatedTensor, Manifest, Record, derive_patch_id
 from ..runtime.patchfile import pack
-from ..runtime.patchgraph import PatchParams, build_patch_graph, form_of
+from ..runtime.patchgraph import SUPPRESS_FORM, PatchParams, SuppressParams, build_patch_graph, build_suppress_graph, form_of
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,37 @@ def build_patch(
     manifest = dataclasses.replace(draft, patch_id=derive_patch_id(draft.to_json()))
     # No reader round trip here: callers run the device's whole verify_patch on these bytes before
     # anything is written (see prune_edge.unlearn), which includes the strict manifest reader.
+    return manifest, pack(manifest, graph_bytes)
+
+
+def build_suppression_patch(
+    base: BaseRef,
+    classes: Sequence[int],
+    margin: float,
+    gate_step_log2: int,
+    q_lower: float,
+    q_upper: float,
+    request: dict[str, Any],
+    chain: dict[str, Any] | None = None,
+) -> tuple[Manifest, bytes]:
+    """Return (manifest, patch-file bytes) of a class suppression: no records, no gated tensors, the
+    canonical suppression graph of ``classes`` at ``margin`` (see :mod:`..runtime.patchgraph`).
+    ``gate_step_log2`` is the base card's (a device checks it on every patch); the specification is
+    carried as for any patch and bounds nothing here."""
+    classes = sorted(int(k) for k in classes)
+    margin = float(np.float32(margin))  # the value the graph stores, exactly
+    params = SuppressParams(np.array(classes, np.int64), np.full(len(classes), margin, np.float32))
+    graph = build_suppress_graph(base.logits_name, params, base.n_classes, base.opset, base.ir_version)
+    graph_bytes = graph.SerializeToString()
+    draft = Manifest(
+        patch_id="0" * 32, created=_created(), mode="suppress", form=SUPPRESS_FORM, base_sha256=base.sha256,
+        base_opset=base.opset, base_ir_version=base.ir_version, logits_name=base.logits_name, n_classes=base.n_classes,
+        gated=(), graph_sha256=sha256_bytes(graph_bytes), graph_bytes=len(graph_bytes), q_lower=float(q_lower),
+        q_upper=float(q_upper), records=(), gate_step_log2=int(gate_step_log2), request=dict(request),
+        chain=dict(chain or {"position": 0, "after": [], "replaces": []}),
+        suppress={"classes": classes, "margin": margin},
+    )
+    manifest = dataclasses.replace(draft, patch_id=derive_patch_id(draft.to_json()))
     return manifest, pack(manifest, graph_bytes)
 
 

@@ -111,6 +111,8 @@ def summed_semantics(model: PatchedModel, x: np.ndarray) -> np.ndarray:
     adding its correction (computed from the same verified parameters, for comparison only)."""
     from .activations import tapped_forward
 
+    if any(vp.manifest.mode == "suppress" for vp in model.patches):
+        raise ValueError("summed semantics compares gated records; a class suppression has none")
     f = model.base_logits(x).astype(np.float64)
     out = f.copy()
     for vp in model.patches:

@@ -22,7 +22,7 @@ from .report import pct as _pct
 from .report import table as _table
 from .runtime.errors import InputError, PatchVerificationError, PruneEdgeError
 
-if __name__ == "__main__":  # `python -m prune_edge.cli`: command modules that import `.cli` get this module
+if __name__ in ("__main__", "__mp_main__"):  # `python -m prune_edge.cli` (and its spawned workers): command modules that import `.cli` get this module
     sys.modules.setdefault("prune_edge.cli", sys.modules[__name__])
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
@@ -253,8 +253,11 @@ def _card_table(card: dict) -> str:
 @click.option("--forget", "forget_path", default=None, type=click.Path(), help="Training-split ids, one per line.")
 @click.option("--forget-class", "forget_classes", multiple=True, type=click.IntRange(min=0),
               help="Forget every training point of this class (repeatable; instead of --forget).")
-@click.option("--strategy", type=click.Choice(["points", "representatives"]), default=None,
-              help="How a set becomes records (default: points; see prune_edge.sets). Recorded in the manifest.")
+@click.option("--strategy", type=click.Choice(["points", "representatives", "suppress"]), default=None,
+              help="How a set becomes records (default: points; see prune_edge.sets), or for --forget-class a "
+                   "suppression patch (the class default; see prune_edge.suppress). Recorded in the manifest.")
+@click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="suppress: how far below the best other class the class's logit is kept.")
 @click.option("--budget", type=click.IntRange(min=1), default=None, help="Most records the patch may hold.")
 @click.option("--allow-partial", is_flag=True, help="Write the patch even if the budget leaves points uncertified.")
 @click.option("--mode", type=click.Choice(["prune", "collapse"]), default="prune", show_default=True)
@@ -273,7 +276,7 @@ def _card_table(card: dict) -> str:
               help="confuse: PRUNE's random wrong label; unseen: the calibrated output of models that never saw the "
                    "points (collapse-form records; implies --mode collapse; see prune_edge.targets).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, budget, allow_partial, mode, gate_layers, gamma, seed, bounds, after, device, out, ledger, target, as_json) -> None:
+def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, budget, allow_partial, mode, gate_layers, gamma, seed, bounds, after, device, out, ledger, target, as_json) -> None:
     """Compute a certified PRUNE patch that makes the base forget the given training points."""
     from .basedir import load_base, read_card
     from .requests import read_forget_ids
@@ -283,6 +286,8 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, budget, all
     _require(base_dir, "a base folder (from `prune-edge train-base`)", folder=True)
     if (forget_path is None) == (not forget_classes):
         raise click.UsageError("expected exactly one of --forget IDS.txt or --forget-class K")
+    if strategy == "suppress" and not forget_classes:
+        raise click.UsageError("--strategy suppress: expected --forget-class K (a suppression forgets whole classes)")
     _require(forget_path, "a forget file of training-split ids")
     for p in after:
         _require(p, "a patch file (.pepatch) for --after")
@@ -291,6 +296,12 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, budget, all
     if isinstance(n_train, int) and forget_path is not None:
         read_forget_ids(forget_path, n_train)
     bundle = load_base(base_dir)
+    if forget_classes and (strategy or "suppress") == "suppress":  # the class default (prune_edge.suppress)
+        from .suppress import build_class_suppression, suppress_table_rows
+
+        report = build_class_suppression(bundle, forget_classes, out, margin=margin, after=after, ledger=ledger)
+        _emit_json(report) if as_json else click.echo(_table(suppress_table_rows(report)))
+        return
     if forget_classes:
         from .sets import class_ids
 
@@ -517,6 +528,10 @@ def verify_sample(base, patches, sample, label, as_json, card_path, policy_path,
         k = int(cover.record[0])
         covering = {"patch_id": vp.manifest.patch_id, "record": k, "gate": gate, "target": vp.manifest.records[k].target,
                     "certified": gate == 1.0}
+    suppressing = next((vp for vp in model.patches if vp.suppress is not None and label in vp.suppress.classes.tolist()), None)
+    if covering is None and suppressing is not None:  # a class suppression covers every input of the class
+        covering = {"patch_id": suppressing.manifest.patch_id, "record": None, "gate": None, "target": None,
+                    "suppressed_class": label, "certified": True}
     differs = after != label
     status = "not covered" if covering is None else ("forgotten" if differs and covering["certified"] else
                                                      "covered, label differs" if differs else "covered, label unchanged")
@@ -527,7 +542,9 @@ def verify_sample(base, patches, sample, label, as_json, card_path, policy_path,
     else:
         rows = [("label", label), ("base prediction", base_label), ("patched prediction", after),
                 ("label differs", "yes" if differs else "no")]
-        if covering:
+        if covering and covering.get("suppressed_class") is not None:
+            rows.append(("covered by", f"patch {covering['patch_id']}: suppresses class {label} on every input"))
+        elif covering:
             rows.append(("covered by", f"patch {covering['patch_id']} record {covering['record']} "
                                        f"(gate {gate:.3f}, target {covering['target']})"))
         else:
@@ -562,12 +579,15 @@ def inspect(patch: str, as_json: bool) -> None:
         ("records", len(m.records)),
         ("points", m.request.get("n_points", "?")),
         ("targets", " ".join(str(r.target) for r in m.records)),
-        ("gamma range", f"{min(r.gamma for r in m.records):.4g} .. {max(r.gamma for r in m.records):.4g}"),
+        ("gamma range", f"{min(r.gamma for r in m.records):.4g} .. {max(r.gamma for r in m.records):.4g}"
+                        if m.records else "n/a (no records)"),
         ("max gate width", f"{m.max_gate_width:.4g} (1/gamma, pre-activation units; default device policy 1)"),
         ("gate step", f"2^{m.gate_step_log2}"),
         ("chain", f"position {m.chain['position']}, after {len(m.chain['after'])} patches"),
         ("specification", f"rows e_j - e_target in [{m.q_lower:g}, {m.q_upper:g}]"),
     ]
+    if m.suppress is not None:
+        rows.append(("suppresses", f"classes {m.suppress['classes']}, margin {m.suppress['margin']:g}"))
     click.echo(_table([(k, _safe(v)) for k, v in rows]))
 
 

@@ -18,6 +18,10 @@ a certified end state needs one record per pattern whichever strategy built it. 
 therefore end with every point inside the region of some record (checked exactly, on the device's
 own float32 patterns, through onnxruntime), or name the points left when a ``budget`` of records
 runs out; the representative rounds add time and change what happens *before* certification.
+
+Whole classes default to neither: records certify the training points' own regions and miss the
+class's unseen points, so ``--forget-class`` builds a class-suppression patch (:mod:`.suppress`)
+unless ``--strategy points|representatives`` is given.
 """
 
 from __future__ import annotations

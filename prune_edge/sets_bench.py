@@ -31,6 +31,7 @@ SET_GOALS = {
     "latency_ratio_256_500": 1.5,
 }
 STRATEGY_NAMES = ("points", "representatives")
+CLASS_STRATEGY_NAMES = ("suppress", *STRATEGY_NAMES)  # a class request also has the suppression patch
 
 
 def _retrain(bundle, keep: np.ndarray, device: str, progress: bool):
@@ -98,25 +99,7 @@ def run_sets_bench(
         res["requests"].append(row)
 
     if forget_class is not None:
-        ids = np.flatnonzero(ds.y_train == forget_class)
-        keep = np.flatnonzero(ds.y_train != forget_class)
-        retrained, retrain_s = _retrain(bundle, keep, device, progress)
-        y_re = _predict_torch(retrained, ds.x_test)
-        base_pred = PatchedModel(bundle.onnx_path).predict(ds.x_test)
-        cls = {"class": forget_class, "points": int(len(ids)), "retrain_seconds": retrain_s, "strategies": {},
-               "distinct_patterns": distinct_patterns(bundle, ids),
-               "retrained": _class_figures(y_re, ds.y_test, forget_class, base_pred)}
-        for strategy in STRATEGY_NAMES:
-            path = out / f"class{forget_class}-{strategy}.pepatch"
-            b = _build(bundle, ids, strategy, path, mode, seed, device, classes=[forget_class])
-            b["build_vs_retrain"] = b["build_seconds"] / retrain_s
-            model = PatchedModel(bundle.onnx_path, [path])
-            pred_test = model.predict(ds.x_test)
-            b["class_train_accuracy"] = float((model.predict(ds.x_train[ids]) == forget_class).mean())
-            b.update(_class_figures(pred_test, ds.y_test, forget_class, base_pred))
-            b["agreement_with_retrained"] = float((pred_test == y_re).mean())
-            cls["strategies"][strategy] = b
-        res["class"] = cls
+        res["class"] = run_class_bench(bundle, out, forget_class, CLASS_STRATEGY_NAMES, mode, seed, device, progress)
 
     if stream:
         k, m = stream
@@ -168,6 +151,46 @@ def run_sets_bench(
                              **compare_latency(base_model, patched, ds.x_test[:256])})
         res["latency"] = rows
     return res
+
+
+def run_class_bench(bundle, out: Path, forget_class: int, strategies: Sequence[str] = CLASS_STRATEGY_NAMES,
+                    mode: str = "prune", seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """A whole-class request with each strategy, against retraining without the class: build, bytes,
+    train and per-class test accuracy through onnxruntime, agreement of test predictions with the
+    retrained model (and the retrained model's own figures)."""
+    from .runtime.model import PatchedModel
+    from .suppress import build_class_suppression
+
+    out.mkdir(parents=True, exist_ok=True)
+    ds = bundle.dataset
+    ids = np.flatnonzero(ds.y_train == forget_class)
+    keep = np.flatnonzero(ds.y_train != forget_class)
+    retrained, retrain_s = _retrain(bundle, keep, device, progress)
+    y_re = _predict_torch(retrained, ds.x_test)
+    base_pred = PatchedModel(bundle.onnx_path).predict(ds.x_test)
+    cls = {"class": forget_class, "points": int(len(ids)), "retrain_seconds": retrain_s, "strategies": {},
+           "distinct_patterns": distinct_patterns(bundle, ids),
+           "retrained": _class_figures(y_re, ds.y_test, forget_class, base_pred)}
+    cls["retrained"]["agreement_with_base"] = float((y_re == base_pred).mean())
+    for strategy in strategies:
+        path = out / f"class{forget_class}-{strategy}.pepatch"
+        if strategy == "suppress":
+            r = build_class_suppression(bundle, [forget_class], path, ledger=out / "ledger", evaluate=False)
+            b = {"strategy": "suppress", "mode": "suppress", "path": str(path), "build_seconds": r["build_seconds"],
+                 "records": 0, "patch_bytes": r["patch_bytes"], "patch_to_base": r["patch_to_base"]}
+        else:
+            b = _build(bundle, ids, strategy, path, mode, seed, device, classes=[forget_class])
+        b["build_vs_retrain"] = b["build_seconds"] / retrain_s
+        model = PatchedModel(bundle.onnx_path, [path])
+        pred_test = model.predict(ds.x_test)
+        b["class_train_accuracy"] = float((model.predict(ds.x_train[ids]) == forget_class).mean())
+        b.update(_class_figures(pred_test, ds.y_test, forget_class, base_pred))
+        b["agreement_with_retrained"] = float((pred_test == y_re).mean())
+        on_k = ds.y_test == forget_class  # agreement on the class's own test images, and on the rest
+        b["agreement_on_class_points"] = float((pred_test[on_k] == y_re[on_k]).mean())
+        b["agreement_with_retrained_not_class"] = float((pred_test[~on_k] == y_re[~on_k]).mean())
+        cls["strategies"][strategy] = b
+    return cls
 
 
 def distinct_patterns(bundle, ids: np.ndarray) -> dict[str, int]:
@@ -224,7 +247,10 @@ def format_sets_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                          f"{100 * b['class_train_accuracy']:.1f}%; {100 * b['class_test_accuracy']:.1f}%; "
                          f"{b['max_other_class_drop_pp']:+.2f} pp",
                          f"goal 0%; <= {100 * g['class_test_accuracy_max']:g}%; <= {g['other_class_drop_pp']:g} pp"))
-            rows.append((f"class {k}, {name}: test agreement with retrained", f"{100 * b['agreement_with_retrained']:.1f}%", ""))
+            rows.append((f"class {k}, {name}: test agreement with retrained (all; class-{k} images; others)",
+                         f"{100 * b['agreement_with_retrained']:.1f}%; {100 * b.get('agreement_on_class_points', float('nan')):.1f}%; "
+                         f"{100 * b.get('agreement_with_retrained_not_class', float('nan')):.1f}%",
+                         f"base vs retrained {100 * re['agreement_with_base']:.1f}%" if "agreement_with_base" in re else ""))
     if "stream" in r:
         s = r["stream"]
         last = s["steps"][-1]
@@ -261,13 +287,16 @@ def plot_sets(r: dict[str, Any], path: Path) -> None:
         c = r["class"]
         groups.append((f"class {c['class']}", c["retrain_seconds"], c["strategies"]))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.27
+    width = 0.2
+    colors = {"retrain": "#888", "points": "#27a", "representatives": "#a72", "suppress": "#2a5"}
+    seen: set[str] = set()
     for gi, (label, retrain, strategies) in enumerate(groups):
         names = ["retrain", *strategies]
         secs = [retrain, *(b["build_seconds"] for b in strategies.values())]
         for j, (name, s) in enumerate(zip(names, secs)):
-            bar = ax.bar(gi + (j - 1) * width, s, width, color=["#888", "#27a", "#a72"][j],
-                         label=name if gi == 0 else None)
+            bar = ax.bar(gi + (j - (len(names) - 1) / 2) * width, s, width, color=colors.get(name, "#555"),
+                         label=None if name in seen else name)
+            seen.add(name)
             ax.bar_label(bar, labels=[f"{s:.3g} s"], fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), [g[0] for g in groups])
     ax.set_yscale("log")
@@ -279,3 +308,33 @@ def plot_sets(r: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """The class rows alone (seconds instead of the full bench's minutes):
+    ``python -m prune_edge.sets_bench BASE_DIR OUT_DIR --class 3 --mode collapse``."""
+    import argparse
+    import json
+
+    from .basedir import load_base
+    from .runtime.fileio import atomic_write_bytes
+
+    ap = argparse.ArgumentParser(prog="python -m prune_edge.sets_bench", description=_main.__doc__)
+    ap.add_argument("base_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--class", dest="forget_class", type=int, default=3)
+    ap.add_argument("--mode", choices=("prune", "collapse"), default="prune", help="mode of the record strategies")
+    ap.add_argument("--strategies", default=",".join(CLASS_STRATEGY_NAMES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    out = Path(args.out_dir)
+    cls = run_class_bench(load_base(args.base_dir), out, args.forget_class, tuple(args.strategies.split(",")), args.mode,
+                          args.seed, args.device, progress=False)
+    r = {"goals": SET_GOALS, "requests": [], "class": cls, "mode": args.mode}
+    atomic_write_bytes(out / "class.json", (json.dumps(cls, indent=2) + "\n").encode())
+    print(format_sets_table(r))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

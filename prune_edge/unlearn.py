@@ -62,9 +62,11 @@ def build_point_patch(
     check_patch_set(earlier)
     calibration = None
     if config.target == "unseen":  # shadow models' calibrated logits, cached in the base folder (prune_edge.targets)
-        from .targets import load_or_build_calibration
+        from .targets import unseen_calibration_logits
 
-        calibration = load_or_build_calibration(bundle, progress=progress).logits
+        # a class request: its points get the logits of models trained without the class
+        classes = (request or {}).get("classes") if (request or {}).get("kind") == "class" else None
+        calibration = unseen_calibration_logits(bundle, classes, progress=progress)
     # ``synth``: another strategy with synthesize's signature (prune_edge.sets); ``request``: fields it
     # adds to the manifest's request (strategy, class kind)
     result = (synth or synthesize)(bundle.net, ds.x_train, ds.y_train, forget_ids, config, activations=bundle.activations,

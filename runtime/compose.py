@@ -4,7 +4,9 @@ The base graph is copied, never edited in place. Every record of every patch joi
 correction (:mod:`.patchgraph`): records that gate on the same base tensors share one integer
 product, all of them compete in one TopK, and the most-open record alone corrects the base logits.
 So a device pays per record, not per patch file, and a long chain of patches runs as one batched
-patch. The runtime builds this graph from the verified parameters (the very numbers whose canonical
+patch. Suppression patches (mode ``suppress``) are applied after that correction, merged into one
+suppression (:func:`.patchgraph.merge_suppressions`): ``gated correction -> suppression -> logits``.
+The runtime builds this graph from the verified parameters (the very numbers whose canonical
 graphs passed the structure check), so it is as canonical as each patch.
 """
 
@@ -20,7 +22,7 @@ from onnx import helper
 
 from .basecard import find_logits
 from .errors import StructureError
-from .patchgraph import GateGroup, correction_nodes, form_of_tables, gate_nodes
+from .patchgraph import GateGroup, correction_nodes, form_of_tables, gate_nodes, merge_suppressions, suppress_nodes
 from .verify import VerifiedPatch
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
     records: list[tuple[int, int]] = []
     if patches:
         prefix, records = _insert_patches(graph, patches, logits)
-        if expose_gates:
+        if expose_gates and records:
             # the acting gate's value (N, 1), 0 where no record is open, and its record (N,)
             outputs += [
                 helper.make_tensor_value_info(prefix + "gate_max", onnx.TensorProto.FLOAT, ["N", 1]),
@@ -75,10 +77,13 @@ def _insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], lo
     prefix = "pe_"
     while any(name.startswith(prefix) for name in existing):
         prefix = "p" + prefix
+    suppressions = [vp.suppress for vp in patches if vp.suppress is not None]
     # group records by (gated tensors, step); records keep patch order inside a group
     keys: list[tuple] = []
     members: dict[tuple, list[int]] = {}
     for i, vp in enumerate(patches):
+        if not vp.params.n_records:
+            continue
         key = (vp.manifest.gated, vp.params.scale_log2)
         if key not in members:
             keys.append(key)
@@ -93,17 +98,26 @@ def _insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], lo
             records.extend((i, r) for r in range(p.n_records))
             Ts.append(p.T)
             ts.append(p.t)
-    T, t = np.concatenate(Ts), np.concatenate(ts)
     base_logits = prefix + "base_logits"
     at = next((k for k, node in enumerate(graph.node) if logits in node.output), None)
     if at is None:
         raise StructureError(f"base: no node computes the logits {logits!r}")
     producer = graph.node[at]
     producer.output[list(producer.output).index(logits)] = base_logits
-    nodes, inits, pre = gate_nodes(prefix, groups)
-    more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), logits)
+    nodes, inits = [], []
+    corrected = base_logits
+    if records:
+        corrected = prefix + "gated_logits" if suppressions else logits
+        T, t = np.concatenate(Ts), np.concatenate(ts)
+        nodes, inits, pre = gate_nodes(prefix, groups)
+        more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), corrected)
+        nodes, inits = nodes + more_nodes, inits + more_inits
+    if suppressions:  # after the gated correction: no record targets a suppressed class (verify)
+        n_classes = patches[0].manifest.n_classes
+        s_nodes, s_inits = suppress_nodes(prefix + "s_", corrected, merge_suppressions(suppressions), n_classes, logits)
+        nodes, inits = nodes + s_nodes, inits + s_inits
     rest = list(graph.node[at + 1 :])
     del graph.node[at + 1 :]
-    graph.node.extend(nodes + more_nodes + rest)
-    graph.initializer.extend(inits + more_inits)
+    graph.node.extend(nodes + rest)
+    graph.initializer.extend(inits)
     return prefix, records

@@ -23,14 +23,15 @@ FORMAT_NAME = "prune-edge-patch"
 # 3: exact-pattern gates, one record acts per input, gate step and chain in the manifest, patch id =
 #    hash of the content; 2: int8 gates summed over records; 1: float32 gates.
 FORMAT_VERSION = 3
-MODES = ("prune", "collapse")
-FORMS = ("shift", "collapse", "affine")  # graph forms, see patchgraph
+# "suppress": a class-suppression patch (no records, no gates: the ``suppress`` object below)
+MODES = ("prune", "collapse", "suppress")
+FORMS = ("shift", "collapse", "affine", "suppress")  # graph forms, see patchgraph
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_./:-]{1,128}$")
 _PATCH_ID = re.compile(r"^[0-9a-f]{32}$")
 _CREATED = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 REQUEST_KINDS = ("points", "class")
-REQUEST_STRATEGIES = ("points", "representatives")  # how a set request became records (prune_edge.sets)
+REQUEST_STRATEGIES = ("points", "representatives", "suppress")  # how a request became a patch (prune_edge.sets, .suppress)
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -150,20 +151,23 @@ class Manifest:
     gate_step_log2: int
     request: dict[str, Any] = field(default_factory=dict)
     chain: dict[str, Any] = field(default_factory=lambda: {"position": 0, "after": [], "replaces": []})
+    # mode "suppress" only: {"classes": [K, ...], "margin": m}. Absent from every other file, so files
+    # written before it existed keep their bytes and ids. Ranges are the certificate check's (verify).
+    suppress: dict[str, Any] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     @property
     def max_gate_width(self) -> float:
         """The widest gate (1/gamma, summed pre-activation violation at which it closes)."""
-        return max(1.0 / r.gamma for r in self.records)
+        return max((1.0 / r.gamma for r in self.records), default=0.0)
 
     @property
     def gated_size(self) -> int:
         return sum(g.size for g in self.gated)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "format": self.format,
             "format_version": self.format_version,
             "patch_id": self.patch_id,
@@ -187,6 +191,9 @@ class Manifest:
             "request": self.request,
             "chain": self.chain,
         }
+        if self.suppress is not None:
+            doc["suppress"] = {"classes": list(self.suppress["classes"]), "margin": self.suppress["margin"]}
+        return doc
 
     def envelope(self, signatures: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The document stored as ``manifest.json``."""
@@ -206,7 +213,7 @@ class Manifest:
         _only_keys(
             doc,
             {"format", "format_version", "patch_id", "created", "mode", "form", "base", "inputs", "n_classes",
-             "gate", "graph", "specification", "records", "request", "chain"},
+             "gate", "graph", "specification", "records", "request", "chain", "suppress"},
             w,
         )
         if _get(doc, "format", str, w) != FORMAT_NAME:
@@ -226,6 +233,9 @@ class Manifest:
         form = _get(doc, "form", str, w)
         if form not in FORMS:
             raise _fail(f"{w}.form", f"one of {FORMS}", form)
+        suppressing = mode == "suppress"
+        if (form == "suppress") != suppressing:
+            raise _fail(f"{w}.form", "'suppress' exactly in mode 'suppress'", form)
         base = _get(doc, "base", dict, w)
         _only_keys(base, {"sha256", "opset", "ir_version"}, f"{w}.base")
         base_sha = _get(base, "sha256", str, f"{w}.base")
@@ -235,7 +245,9 @@ class Manifest:
         _only_keys(inputs, {"logits", "gated"}, f"{w}.inputs")
         logits_name = _get(inputs, "logits", str, f"{w}.inputs")
         gated_docs = _get(inputs, "gated", list, f"{w}.inputs")
-        if not gated_docs:
+        if suppressing and gated_docs:
+            raise _fail(f"{w}.inputs.gated", "no gated tensors in mode 'suppress'", gated_docs)
+        if not suppressing and not gated_docs:
             raise _fail(f"{w}.inputs.gated", "at least one gated tensor", gated_docs)
         gated = []
         for i, g in enumerate(gated_docs):
@@ -271,8 +283,15 @@ class Manifest:
         if not q_lower < q_upper < 0:
             raise _fail(f"{w}.specification", "q_lower < q_upper < 0 (a strict margin)", [q_lower, q_upper])
         record_docs = _get(doc, "records", list, w)
-        if not record_docs:
+        if suppressing and record_docs:
+            raise _fail(f"{w}.records", "no records in mode 'suppress'", record_docs)
+        if not suppressing and not record_docs:
             raise _fail(f"{w}.records", "at least one record", record_docs)
+        suppress = None
+        if suppressing:
+            suppress = _suppress(_get(doc, "suppress", dict, w), f"{w}.suppress")
+        elif "suppress" in doc:
+            raise _fail(f"{w}.suppress", "absent outside mode 'suppress'", doc["suppress"])
         records = [_record(r, n_classes, mode, f"{w}.records[{i}]") for i, r in enumerate(record_docs)]
         request = _request(_get(doc, "request", dict, w), f"{w}.request")
         chain = _get(doc, "chain", dict, w)
@@ -305,7 +324,19 @@ class Manifest:
             gate_step_log2=step_log2,
             request=request,
             chain={"position": position, "after": list(after), "replaces": list(replaces)},
+            suppress=suppress,
         )
+
+
+def _suppress(doc: dict, w: str) -> dict[str, Any]:
+    """The suppression's parameters, type-checked only: the certificate check (verify) owns what they
+    must satisfy (classes in range and distinct, margin > 0), so a forged value is refused by name there."""
+    _only_keys(doc, {"classes", "margin"}, w)
+    classes = _get(doc, "classes", list, w)
+    if not classes or len(classes) > 100_000 or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        raise _fail(f"{w}.classes", "a non-empty list of class indices", classes)
+    margin = _finite_list([doc.get("margin")], 1, f"{w}.margin")[0]
+    return {"classes": list(classes), "margin": margin}
 
 
 def _request(doc: dict, w: str) -> dict[str, Any]:

@@ -151,7 +151,7 @@ class PatchedModel:
         """Patched logits and, per input, the record that acts on it and its gate (one run)."""
         x = self.base.check_input(x)
         n = len(x)
-        if not self.patches:
+        if not self._records:  # no patch, or suppressions only: no gate anywhere
             none = np.full(n, -1, np.int64)
             return self.logits(x), Coverage(none, none.copy(), np.zeros(n, np.float32))
         if self._gate_session is None:

@@ -425,3 +425,119 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
     else:
         T = np.broadcast_to(-np.eye(c, dtype=np.float32), (n_records, c, c))
     return PatchParams(signs=signs, gamma=gamma, T=T, t=arrays[PREFIX + "t_table"], scale_log2=scale_log2)
+
+
+# ----------------------------------------------------------------------------- class suppression
+# A patch of this form keeps a set S of classes from ever being the prediction, on every input:
+#
+#     mo    = max_{j not in S} f_j                                  Gather + TopK     (N, 1)
+#     cap_K = mo - (margin_K + |mo| 2^-22)                          Abs, Mul, Add, Sub (N, C)
+#     out_K = min(f_K, cap_K)  for K in S,   out_j = f_j  otherwise  Min, Where        (N, C)
+#
+# Every other logit is the input tensor itself (Where picks it), bit for bit. For K in S,
+# out_K <= cap_K < mo = max_{j not in S} out_j for every finite mo, in float32 arithmetic: the
+# subtrahend is at least margin_K > 0 and at least |mo| 2^-22, i.e. two units in the last place of
+# mo, so the rounded difference lies strictly below mo (a plain ``mo - margin`` would round back to
+# mo once |mo| >= 2^24 margin). The guarantee needs no region and no LP: it holds by construction.
+SUPPRESS_FORM = "suppress"
+SUPPRESS_PREFIX = PREFIX + "s_"
+SUPPRESS_REL_SLACK = np.float32(2.0**-22)
+
+
+@dataclass
+class SuppressParams:
+    """The numbers a suppression graph carries: the suppressed classes and each one's margin."""
+
+    classes: np.ndarray  # int64 (S,), sorted, distinct
+    margin: np.ndarray  # float32 (S,)
+
+    def __post_init__(self) -> None:
+        self.classes = np.ascontiguousarray(self.classes, dtype=np.int64).reshape(-1)
+        self.margin = np.ascontiguousarray(self.margin, dtype=np.float32).reshape(-1)
+        if self.classes.shape != self.margin.shape:
+            raise ValueError(f"suppression: {len(self.classes)} classes but {len(self.margin)} margins")
+
+    def tables(self, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep indices, class mask, per-class margin) as the graph stores them; ValueError when the
+        classes are not distinct, sorted, in range, or leave no class to predict."""
+        c = self.classes
+        if not len(c) or (np.diff(c) <= 0).any() or c[0] < 0 or c[-1] >= n_classes or len(c) >= n_classes:
+            raise ValueError(f"suppressed classes expected sorted, distinct, in [0, {n_classes}) and fewer than "
+                             f"{n_classes}, found {c.tolist()}")
+        mask = np.zeros(n_classes, bool)
+        mask[c] = True
+        margin = np.zeros(n_classes, np.float32)
+        margin[c] = self.margin
+        return np.flatnonzero(~mask).astype(np.int64), mask, margin
+
+
+def merge_suppressions(params: Sequence[SuppressParams]) -> SuppressParams:
+    """One suppression equal to applying all of them: the union of classes, each at its largest margin
+    (``min(f, mo - a, mo - b) = min(f, mo - max(a, b))``; mo is over the classes no patch suppresses)."""
+    best: dict[int, float] = {}
+    for p in params:
+        for k, m in zip(p.classes.tolist(), p.margin.tolist()):
+            best[k] = max(best.get(k, -np.inf), m)
+    keys = sorted(best)
+    return SuppressParams(np.array(keys, np.int64), np.array([best[k] for k in keys], np.float32))
+
+
+def suppress_nodes(prefix: str, logits_in: str, params: SuppressParams, n_classes: int, out_name: str
+                   ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes writing ``out_name`` = ``logits_in`` with every suppressed class capped below the best
+    other class (see the block comment above)."""
+    keep, mask, margin = params.tables(n_classes)
+    n = lambda key: prefix + key  # noqa: E731
+    nodes = [
+        helper.make_node("Gather", [logits_in, n("keep")], [n("kept")], axis=1, name=n("kept")),
+        helper.make_node("TopK", [n("kept"), n("top1")], [n("mo"), n("mo_k")], axis=1, largest=1, sorted=1, name=n("mo")),
+        helper.make_node("Abs", [n("mo")], [n("mo_abs")], name=n("mo_abs")),
+        helper.make_node("Mul", [n("mo_abs"), n("rel")], [n("slack")], name=n("slack")),
+        helper.make_node("Add", [n("slack"), n("margin")], [n("drop")], name=n("drop")),
+        helper.make_node("Sub", [n("mo"), n("drop")], [n("cap")], name=n("cap")),
+        helper.make_node("Min", [logits_in, n("cap")], [n("low")], name=n("low")),
+        # the other logits are logits_in itself, picked by the mask: untouched bit for bit
+        helper.make_node("Where", [n("mask"), n("low"), logits_in], [out_name], name=out_name),
+    ]
+    inits = [
+        _init(n("keep"), keep),
+        _init(n("top1"), np.array([1], np.int64)),
+        _init(n("rel"), np.array(SUPPRESS_REL_SLACK, np.float32)),
+        _init(n("margin"), margin),
+        _init(n("mask"), mask),
+    ]
+    return nodes, inits
+
+
+def build_suppress_graph(logits_name: str, params: SuppressParams, n_classes: int, opset: int, ir_version: int
+                         ) -> onnx.ModelProto:
+    """The canonical suppression graph (logits in, suppressed logits out; deterministic bytes)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"patch graphs need opset >= {MIN_OPSET}, the base has {opset}")
+    nodes, inits = suppress_nodes(SUPPRESS_PREFIX, logits_name, params, n_classes, OUTPUT_NAME)
+    inputs = [helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [BATCH_DIM, n_classes])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, n_classes])]
+    graph = helper.make_graph(nodes, PREFIX + "graph", inputs, outputs, inits)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, ir_version=ir_version
+    )
+
+
+def extract_suppress_params(model: onnx.ModelProto, n_classes: int) -> SuppressParams:
+    """The classes and margins a received suppression graph carries (its mask and margin tables)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays = {}
+    for key, dtype in ((SUPPRESS_PREFIX + "mask", TensorProto.BOOL), (SUPPRESS_PREFIX + "margin", TensorProto.FLOAT)):
+        tensor = inits.get(key)
+        if tensor is None:
+            raise StructureError(f"patch graph: expected initializer {key!r}, found none")
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise StructureError(f"patch graph: initializer {key!r} uses external data; expected inline")
+        if tensor.data_type != dtype or tuple(tensor.dims) != (n_classes,):
+            raise StructureError(
+                f"patch graph: initializer {key!r} expected dtype {TensorProto.DataType.Name(dtype)} shape "
+                f"({n_classes},), found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
+            )
+        arrays[key] = numpy_helper.to_array(tensor)
+    classes = np.flatnonzero(arrays[SUPPRESS_PREFIX + "mask"]).astype(np.int64)
+    return SuppressParams(classes, arrays[SUPPRESS_PREFIX + "margin"][classes])

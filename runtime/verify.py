@@ -14,6 +14,10 @@ What the checks prove, whoever built the patch (the device needs no trust in the
 - every correction is finite and bounded (caps on |T| and |t|), the record counts are bounded;
 - each record's numbers carry its certificate: the closed form of PRUNE, and its stored bounds mapped
   into the specification, checked on the stored float32 tensors with absolute tolerances.
+- a suppression patch (mode ``suppress``, no records) *is* the canonical suppression graph of the
+  classes and margin its manifest names, with classes in range and a margin > 0: then no input is
+  ever predicted as a suppressed class (by construction, :mod:`.patchgraph`), and a set whose records
+  target a suppressed class is refused (:func:`check_suppressions`).
 What stays the server's word: that the stored bounds are the region's (the LPs), and that the
 patterns are the forgotten points' (the salted commitments bind the request, not the data).
 """
@@ -40,7 +44,16 @@ from .fileio import PathLike
 from .interference import RecordSet, check_interference
 from .manifest import Manifest
 from .patchfile import PatchFile, read_patch_file
-from .patchgraph import PatchParams, affine_from_scales_many, build_patch_graph, completed_specs, extract_params
+from .patchgraph import (
+    PatchParams,
+    SuppressParams,
+    affine_from_scales_many,
+    build_patch_graph,
+    build_suppress_graph,
+    completed_specs,
+    extract_params,
+    extract_suppress_params,
+)
 from .policy import DEFAULT_POLICY, DevicePolicy
 
 CHECKS = ("format", "integrity", "binding", "structure", "locality", "certificate")
@@ -56,7 +69,8 @@ class VerifiedPatch:
     source: str
     manifest: Manifest
     model: onnx.ModelProto
-    params: PatchParams
+    params: PatchParams  # no records (P = 0) for a suppression patch
+    suppress: SuppressParams | None = None  # mode "suppress": the classes it keeps from being predicted
 
     def record_set(self) -> RecordSet:
         targets = np.array([r.target for r in self.manifest.records], dtype=np.int64)
@@ -132,6 +146,8 @@ def check_structure(patch: PatchFile, source: str) -> tuple[onnx.ModelProto, Pat
         model = onnx.load_from_string(patch.graph_bytes)
     except Exception as exc:
         raise StructureError(f"{source}: patch graph expected ONNX, found undecodable bytes ({exc})") from None
+    if m.mode == "suppress":
+        return model, _check_suppress_structure(m, model, source)
     params = extract_params(model, len(m.records), m.gated_size, m.n_classes, m.form)
     if params.scale_log2 != m.gate_step_log2:
         raise StructureError(
@@ -144,6 +160,45 @@ def check_structure(patch: PatchFile, source: str) -> tuple[onnx.ModelProto, Pat
     if model != canonical:
         raise StructureError(f"{source}: patch graph is not the canonical gated-affine graph: {_first_difference(canonical, model)}")
     return model, params
+
+
+def no_records(manifest: Manifest) -> PatchParams:
+    """The (empty) record tables of a patch without records, e.g. a suppression."""
+    c = manifest.n_classes
+    return PatchParams(np.zeros((0, manifest.gated_size), np.int8), np.zeros(0), np.zeros((0, c, c)), np.zeros((0, c)),
+                       manifest.gate_step_log2)
+
+
+def _check_suppress_structure(m: Manifest, model: onnx.ModelProto, source: str) -> SuppressParams:
+    """A suppression graph must be the canonical one of the classes and margins it carries."""
+    sp = extract_suppress_params(model, m.n_classes)
+    try:
+        canonical = build_suppress_graph(m.logits_name, sp, m.n_classes, m.base_opset, m.base_ir_version)
+    except ValueError as exc:
+        raise StructureError(f"{source}: no canonical suppression graph exists for this graph: {exc}") from None
+    if model != canonical:
+        raise StructureError(f"{source}: patch graph is not the canonical suppression graph: {_first_difference(canonical, model)}")
+    return sp
+
+
+def check_suppression(manifest: Manifest, sp: SuppressParams, source: str) -> None:
+    """A suppression's certificate: its classes lie in [0, C), are distinct and leave a class to
+    predict, its margin is positive, and the graph suppresses exactly those classes by that margin.
+    Then ``out_K < max_{j not in S} out_j`` for every input by construction (patchgraph)."""
+    c = manifest.n_classes
+    classes = list(manifest.suppress["classes"])
+    margin = manifest.suppress["margin"]
+    where = f"{source}: suppression"
+    if not all(0 <= k < c for k in classes):
+        raise CertificateError(f"{where}: classes expected in [0, {c}), found {classes}")
+    if classes != sorted(set(classes)) or len(classes) >= c:
+        raise CertificateError(f"{where}: classes expected sorted, distinct and fewer than {c}, found {classes}")
+    if not margin > 0:  # NaN fails too
+        raise CertificateError(f"{where}: margin expected > 0, found {margin!r}")
+    if sp.classes.tolist() != classes:
+        raise CertificateError(f"{where}: graph suppresses classes {sp.classes.tolist()}, its manifest says {classes}")
+    if not (sp.margin == np.float32(margin)).all():
+        raise CertificateError(f"{where}: graph margins {sp.margin.tolist()}, its manifest says {margin!r}")
 
 
 def check_locality(manifest: Manifest, params: PatchParams, base: BaseGraph, policy: DevicePolicy, source: str) -> None:
@@ -172,7 +227,7 @@ def check_locality(manifest: Manifest, params: PatchParams, base: BaseGraph, pol
             f"{policy.max_gate_width:g}"
         )
     for name, arr, cap in (("T", params.T, policy.max_abs_T), ("t", params.t, policy.max_abs_t)):
-        held = (np.abs(arr) <= cap).reshape(len(arr), -1).all(axis=1)
+        held = (np.abs(arr) <= cap).all(axis=tuple(range(1, arr.ndim)))  # per record; no records: empty
         if not held.all():
             k = int(np.argmin(held))
             raise LocalityError(
@@ -208,6 +263,8 @@ def check_certificate(manifest: Manifest, params: PatchParams, policy: DevicePol
     milliseconds); the error names the first failing record and its first failing check.
     """
     c = manifest.n_classes
+    if manifest.mode == "suppress":
+        raise CertificateError(f"{source}: a suppression is checked by check_suppression, not as records")
     block = max(1, _CERT_BLOCK_VALUES // (c * c))  # keeps the (block, C, C) arrays small
     for lo in range(0, len(manifest.records), block):
         _check_certificate_block(manifest, params, policy, lo, min(len(manifest.records), lo + block), source)
@@ -293,12 +350,22 @@ def _run(
         check_binding(m, base, source)
         ran("binding", f"base sha256 {base.sha256[:16]}... matches; tensors {[g.name for g in m.gated]} present")
         model, params = check_structure(patch, source)
-        ran("structure", f"canonical gated-affine graph over {m.gated_size} gated values, {params.n_records} gates")
+        suppress = params if isinstance(params, SuppressParams) else None
+        if suppress is not None:
+            params = no_records(m)
+            ran("structure", f"canonical suppression graph of classes {suppress.classes.tolist()}")
+        else:
+            ran("structure", f"canonical gated-affine graph over {m.gated_size} gated values, {params.n_records} gates")
         check_locality(m, params, base, policy, source)
         ran("locality", f"Relu inputs {[g.name for g in m.gated]}, step 2^{m.gate_step_log2} (base card); "
-                        f"gate width <= {float(params.gate_width.max()):.3g} (policy {policy.max_gate_width:g})")
-        check_certificate(m, params, policy, source)
-        ran("certificate", f"{len(m.records)} records: target wins with rows in [{m.q_lower:g}, {m.q_upper:g}] on each region")
+                        f"gate width <= {float(params.gate_width.max(initial=0.0)):.3g} (policy {policy.max_gate_width:g})")
+        if suppress is not None:
+            check_suppression(m, suppress, source)
+            ran("certificate", f"classes {m.suppress['classes']} below the best other class by > {m.suppress['margin']:g} "
+                               "on every input (by construction)")
+        else:
+            check_certificate(m, params, policy, source)
+            ran("certificate", f"{len(m.records)} records: target wins with rows in [{m.q_lower:g}, {m.q_upper:g}] on each region")
     except PatchVerificationError as exc:
         if report is not None:
             # A container-level failure may come from the integrity step (digest) or the format step.
@@ -309,7 +376,7 @@ def _run(
             done = {r.name for r in results}
             results.extend(CheckResult(n, "skipped", "an earlier check failed") for n in CHECKS if n not in done)
         raise
-    verified = VerifiedPatch(source=source, manifest=m, model=model, params=params)
+    verified = VerifiedPatch(source=source, manifest=m, model=model, params=params, suppress=suppress)
     if report is not None:
         report.verified = verified
     return verified
@@ -344,4 +411,28 @@ def check_patch_set(patches: Sequence[VerifiedPatch], policy: DevicePolicy = DEF
     total = sum(len(vp.manifest.records) for vp in patches)
     if not total <= policy.max_records_total:
         raise LocalityError(f"{total} records over {len(patches)} patches, the device policy allows at most {policy.max_records_total}")
-    check_interference([vp.record_set() for vp in patches])
+    check_suppressions(patches)
+    check_interference([vp.record_set() for vp in patches if vp.params.n_records])
+
+
+def check_suppressions(patches: Sequence[VerifiedPatch]) -> None:
+    """A device applies every suppression after the gated correction (:mod:`.compose`), so a record
+    whose target is a suppressed class would lose its certificate (its target could never win): such
+    a set is refused, as is one that suppresses every class."""
+    suppressors = [vp for vp in patches if vp.suppress is not None]
+    if not suppressors:
+        return
+    by_class: dict[int, str] = {}
+    for vp in suppressors:
+        for k in vp.suppress.classes.tolist():
+            by_class.setdefault(int(k), vp.source)
+    c = suppressors[0].manifest.n_classes
+    if len(by_class) >= c:
+        raise InterferenceError(f"suppressions of {len(suppressors)} patches cover all {c} classes; expected a class left to predict")
+    for vp in patches:
+        for r, rec in enumerate(vp.manifest.records):
+            if rec.target in by_class:
+                raise InterferenceError(
+                    f"record {r} of {vp.source} (target {rec.target}) targets class {rec.target}, which "
+                    f"{by_class[rec.target]} suppresses: expected no record to target a suppressed class"
+                )

@@ -426,3 +426,111 @@ def test_verify_sample_on_a_forgotten_point_is_forgotten(base, chain, mlp_bundle
     result = _verify_sample(base, chain, mlp_bundle, tmp_path, record0_point)
     assert "gate 1.000" in result.stdout and re.search(r"status\s+forgotten", result.stdout), result.stdout
     assert result.exit_code == 0
+
+
+# ----------------------------------------------------------------------------- class suppression
+@pytest.fixture(scope="module")
+def suppression(mlp_bundle, tmp_path_factory):
+    """An honest class-3 suppression patch and its manifest: the attacker's raw material."""
+    from prune_edge.suppress import build_class_suppression
+
+    path = tmp_path_factory.mktemp("suppress") / "class3.pepatch"
+    build_class_suppression(mlp_bundle, [3], path, ledger=path.parent / "ledger", evaluate=False)
+    return path, read_patch_file(path).manifest
+
+
+def forge_suppression(path, like: Manifest, graph: onnx.ModelProto, **changes):
+    """The file an attacker would write: ``graph`` as the patch graph, ``like``'s manifest with
+    ``changes``, digest, size and patch id updated (format and integrity pass)."""
+    data = graph.SerializeToString()
+    m = dataclasses.replace(like, graph_sha256=sha256_bytes(data), graph_bytes=len(data), **changes)
+    m = dataclasses.replace(m, patch_id=derive_patch_id(m.to_json()))
+    path.write_bytes(pack(m, data))
+    assert read_patch_file(path).manifest == m
+    return path
+
+
+def suppression_graph(like: Manifest, classes, margin) -> onnx.ModelProto:
+    from prune_edge.runtime.patchgraph import SuppressParams, build_suppress_graph
+
+    params = SuppressParams(np.array(classes), np.full(len(classes), margin, np.float32))
+    return build_suppress_graph(like.logits_name, params, like.n_classes, like.base_opset, like.base_ir_version)
+
+
+def test_honest_suppression_passes(base, suppression):
+    assert_certified(base, [suppression[0]])
+
+
+def test_suppression_graph_that_touches_another_logit_refused(base, suppression, mlp_bundle, tmp_path):
+    """The canonical graph with its Where replaced by the capped tensor itself (every logit capped,
+    class 5's too): the structure check refuses it; without checks it would change other logits."""
+    path, m = suppression
+    graph = suppression_graph(m, [3], 1.0)
+    where = next(n for n in graph.graph.node if n.op_type == "Where")
+    edited = copy.deepcopy(graph)
+    node = next(n for n in edited.graph.node if n.name == where.name)
+    node.op_type, node.input[:] = "Identity", [where.input[1]]
+    evil = forge_suppression(tmp_path / "all-capped.pepatch", m, edited)
+    # run on its own (as a runtime without checks would), it lowers logits other than 3
+    f = PatchedModel(base.path, base=base).logits(mlp_bundle.dataset.x_test)
+    out = make_session(edited.SerializeToString()).run(None, {m.logits_name: f})[0]
+    assert (out[:, [0, 1, 2, 4, 5, 6, 7, 8, 9]] != f[:, [0, 1, 2, 4, 5, 6, 7, 8, 9]]).any()
+    assert_refused(base, [evil], "structure", "not the canonical suppression graph")
+    # the same graph also capping class 5 (a valid suppression of [3, 5]) under a manifest naming [3]
+    wider = forge_suppression(tmp_path / "wider.pepatch", m, suppression_graph(m, [3, 5], 1.0))
+    assert_refused(base, [wider], "certificate", r"graph suppresses classes \[3, 5\], its manifest says \[3\]")
+
+
+@pytest.mark.parametrize("classes, margin, match", [
+    ([3], -1.0, "margin expected > 0"),
+    ([3], 0.0, "margin expected > 0"),
+])
+def test_suppression_without_a_positive_margin_refused(base, suppression, tmp_path, classes, margin, match):
+    """Graph and manifest agree on the margin (structure passes); a margin <= 0 would let class 3 tie or
+    win: the certificate check refuses it."""
+    _, m = suppression
+    evil = forge_suppression(tmp_path / "margin.pepatch", m, suppression_graph(m, classes, margin),
+                             suppress={"classes": classes, "margin": margin})
+    assert_refused(base, [evil], "certificate", match)
+
+
+@pytest.mark.parametrize("manifest_classes, graph_classes, match", [
+    ([12], [3], r"classes expected in \[0, 10\)"),
+    ([5], [3], r"graph suppresses classes \[3\], its manifest says \[5\]"),
+    ([3, 3], [3], "sorted, distinct"),
+    (list(range(10)), list(range(9)), "fewer than 10"),
+])
+def test_suppression_of_the_wrong_class_refused(base, suppression, tmp_path, manifest_classes, graph_classes, match):
+    _, m = suppression
+    evil = forge_suppression(tmp_path / "k.pepatch", m, suppression_graph(m, graph_classes, 1.0),
+                             suppress={"classes": manifest_classes, "margin": 1.0})
+    assert_refused(base, [evil], "certificate", match)
+
+
+def test_suppression_of_a_class_a_record_targets_refused(base, suppression, patches, mlp_bundle, tmp_path):
+    """A chain whose point records target class K, then a suppression of K: the record's certificate
+    (its target wins) cannot hold after the suppression, so the set is refused (interference)."""
+    from prune_edge.suppress import build_class_suppression
+
+    point = patches["prune"][0]
+    k = read_patch_file(point).manifest.records[0].target
+    evil = tmp_path / "sup.pepatch"
+    build_class_suppression(mlp_bundle, [k], evil, ledger=tmp_path / "ledger", evaluate=False)
+    assert_certified(base, [evil])
+    assert_refused(base, [point, evil], "interference", "to target a suppressed class")
+
+
+def test_suppression_with_records_or_gates_refused_by_format(suppression, honest):
+    _, m = suppression
+    doc = m.to_json()
+    doc["records"] = honest["collapse"][0].to_json()["records"][:1]
+    with pytest.raises(PatchVerificationError, match=r"records: expected no records in mode 'suppress'"):
+        Manifest.from_json(doc)
+    doc = m.to_json()
+    doc["form"] = "collapse"
+    with pytest.raises(PatchVerificationError, match="'suppress' exactly in mode 'suppress'"):
+        Manifest.from_json(doc)
+    doc = honest["collapse"][0].to_json()
+    doc["suppress"] = {"classes": [3], "margin": 1.0}
+    with pytest.raises(PatchVerificationError, match="absent outside mode 'suppress'"):
+        Manifest.from_json(doc)

@@ -14,10 +14,11 @@ TOP = {p.name for p in ROOT.iterdir()} - {".git", ".venv"}
 def named_paths(text: str) -> set[str]:
     """Repository paths a reader is told to open: markdown link targets that are not URLs, and backticked
     tokens that start at a top-level entry of the repository and end in a file suffix, and any
-    backticked top-level ``*.md`` (such a document is meant to be in the repository)."""
+    backticked upper-case ``*.md`` such as ``THREAT_MODEL.md`` (a document meant to be in the repository;
+    lower-case names like ``report.md`` are files commands write)."""
     links = {m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+://", m)}
     ticks = {m for m in re.findall(r"`([\w./-]+\.(?:py|md|toml|sh|json))`", text)
-             if m.split("/")[0] in TOP or ("/" not in m and m.endswith(".md"))}
+             if m.split("/")[0] in TOP or ("/" not in m and m.endswith(".md") and m[:-3].isupper())}
     return links | ticks
 
 

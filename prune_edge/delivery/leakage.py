@@ -83,6 +83,11 @@ def measure_leakage(bundle, patch_path, forget_ids: np.ndarray, max_records: int
 
     pf = read_patch_file(patch_path)
     m = pf.manifest
+    if m.mode == "suppress":  # no regions: what it reveals is the classes its manifest names, nothing per point
+        from ..runtime.errors import InputError
+
+        raise InputError(f"{patch_path}: expected a patch with records (regions), found a class suppression "
+                         f"(it names classes {(m.suppress or {}).get('classes')} and holds no region to reconstruct from)")
     params = extract_params(onnx.load_from_string(pf.graph_bytes), len(m.records), m.gated_size, m.n_classes, m.form)
     weights = _mlp_weights(bundle.net)
     if m.gated_size != sum(len(b) for _, b in weights[:-1]):
