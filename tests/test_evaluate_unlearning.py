@@ -30,11 +30,13 @@ def test_quick_report_structure(quick_run):
     assert results["config"]["seeds"] == 1 and results["shadows"]["attack"] == 4
     req = results["requests"][f"random:{N_FORGET}"]
     assert req["forget_points"] == N_FORGET
-    from prune_edge.unlearning_eval.grid import ALL_METHODS, ULIRA_METHODS
+    from prune_edge.unlearning_eval.grid import ALL_METHODS, CLASS_METHODS, ULIRA_METHODS
 
-    assert set(req["summary"]) == set(results["config"]["methods"]) == set(ALL_METHODS)
+    assert set(results["config"]["methods"]) == set(ALL_METHODS)
+    assert set(req["summary"]) == set(ALL_METHODS) - set(CLASS_METHODS)  # a suppression answers class requests only
+    assert set(results["requests"][f"class:{CLASS}"]["summary"]) == set(ALL_METHODS)
     u_methods = results["shadows"]["ulira_methods"]
-    assert results["shadows"]["ulira"] == 4 and set(u_methods) == set(ULIRA_METHODS) == set(ALL_METHODS) - {"prune-confuse"}
+    assert results["shadows"]["ulira"] == 4 and set(u_methods) == set(ULIRA_METHODS) == set(ALL_METHODS) - {"prune-confuse", *CLASS_METHODS}
     for method, stats in req["summary"].items():
         for key in ("forget_acc", "test_acc", "agree_forget", "loss_auc", "challenge_acc", "lira_auc",
                     "lira_tpr_1pct", "lira_tpr_0.1pct", "seconds", "ship_bytes", "latency_ms"):
@@ -73,8 +75,10 @@ def test_quick_report_sanity(quick_run):
     c = results["requests"][f"class:{CLASS}"]["summary"]
     assert c["retrain"]["forget_acc"]["mean"] == 0.0 and c["prune-unseen"]["forget_acc"]["mean"] == 0.0
     assert c["prune-unseen-pointcal"]["forget_acc"]["mean"] > 0.5
-    for key in ("acceptance_prune_unseen", "acceptance_prune_unseen_pointcal"):
+    for key in ("acceptance_prune_unseen", "acceptance_prune_unseen_pointcal", "acceptance_prune_suppress"):
         assert results["requests"][f"class:{CLASS}"][key]["certificate_checks_pass"]["holds"]
+    # the suppression answers the class's unseen test images too: none predicted as the class, like retraining
+    assert c["prune-suppress"]["forget_acc"]["mean"] == 0.0 and c["prune-suppress"]["ship_bytes"]["mean"] < 5000
     cal = results["shadows"]["calibration_summary"]
     assert cal["class:3"]["label_is_a_forgotten_class"] == 0.0 and cal["points"]["min_out_count"] == 1
 

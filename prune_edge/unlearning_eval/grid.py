@@ -48,10 +48,23 @@ PRUNE_RECIPES = {
 PRUNE_RECIPES["prune-unseen-pointcal"] = {
     "paper": "this project (prune_edge.targets)",
     "recipe": "prune-unseen with the out-of-fold constants for every request: on class:K each point gets what a model that saw other images of K but not this one gives (identical to prune-unseen on random:N)"}
-ALL_METHODS = (*PRUNE_METHODS, *BASELINES)
+# A class request can also be answered by a suppression patch (prune_edge.suppress): no records, the class's
+# logit kept below the best other class on every input. It has no meaning for point requests.
+CLASS_METHODS = {
+    "prune-suppress": {"paper": "this project (prune_edge.suppress; a class-level PRUNE-style patch)",
+                       "recipe": "one suppression patch: out_K = min(f_K, max_{j != K} f_j - margin), margin 1, every other logit the base's bit for bit; class requests only"},
+}
+PRUNE_RECIPES.update(CLASS_METHODS)
+ALL_METHODS = (*PRUNE_METHODS, *CLASS_METHODS, *BASELINES)
+
+
+def applies(method: str, kind: str) -> bool:
+    """Whether ``method`` answers a request of ``kind`` ("random" or "class")."""
+    return method not in CLASS_METHODS or kind == "class"
+
 # U-LiRA unlearns every shadow with the method: all but prune-confuse, whose bound computation takes
 # tens of seconds per patch (its confusing constant is what collapse-confuse measures)
-ULIRA_METHODS = tuple(m for m in ALL_METHODS if m != "prune-confuse")
+ULIRA_METHODS = tuple(m for m in ALL_METHODS if m != "prune-confuse" and m not in CLASS_METHODS)
 ATTACK_SEED = 7919  # the attacker's shadow seeds and membership draw; disjoint from every server seed
 
 
@@ -161,6 +174,20 @@ def task_method(folder: str, method: str, request: str, seed: int) -> dict[str, 
     base_bytes = onnx.stat().st_size
     batch = ds.x_test[:256]
     out: dict[str, Any] = {"method": method, "seed": seed, "request": request, "forget_ids": ids}
+    if method in CLASS_METHODS:
+        from ..runtime.verify import verify_patch
+        from ..suppress import build_class_suppression
+
+        kind, num = parse_forget(request)
+        path = Path(folder) / "patches" / f"{method}-{request.replace(':', '')}.pepatch"
+        path.parent.mkdir(exist_ok=True)
+        rep = build_class_suppression(bundle, [num], path, evaluate=False)
+        verify_patch(path, bundle.graph)  # the device's checks; raises if any fails
+        model = PatchedModel(onnx, [path])
+        out.update(logits_train=model.logits(ds.x_train), logits_test=model.logits(ds.x_test),
+                   seconds=rep["build_seconds"], ship_bytes=rep["patch_bytes"], certified=True,
+                   latency_ms=_latency_ms(onnx, [path], batch), records=0)
+        return out
     if method in PRUNE_METHODS:
         from ..runtime.verify import verify_patch
         from ..synth import SynthConfig
@@ -350,7 +377,8 @@ def run_grid(cfg: GridConfig, out: Path, progress: bool = True) -> dict[str, Any
                     ccal.save(Path(f) / class_calibration_name([c]))
             for f in folders:  # the calibration depends on the training set only: the same for every base
                 cal.save(Path(f) / "unseen-calibration.npz")
-        tasks = [(f, m, req, s) for req in cfg.forget for f, s in zip(folders, seeds) for m in methods]
+        tasks = [(f, m, req, s) for req in cfg.forget for f, s in zip(folders, seeds) for m in methods
+                 if applies(m, requests[req][0])]
         runs = ex.map(task_method, tasks, "methods x seeds", progress)
         ulira_jobs, ulira_keys = [], []
         if ku:
@@ -395,11 +423,11 @@ def run_grid(cfg: GridConfig, out: Path, progress: bool = True) -> dict[str, Any
     for req in cfg.forget:
         kind, num = parse_forget(req)
         unseen = np.arange(n_test) if kind == "random" else np.flatnonzero(ds.y_test == num)
-        per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods if applies(m, kind)}
         roc: dict[str, Any] = {}
         for s in seeds:
             ret = by_key[(req, s, "retrain")]
-            for m in methods:
+            for m in per:
                 row, scores = run_metrics(by_key[(req, s, m)], ret, ds.y_train, ds.y_test, unseen, (shadow_conf, attack_in),
                                           n_train, s)
                 per[m].append(row)
@@ -414,7 +442,9 @@ def run_grid(cfg: GridConfig, out: Path, progress: bool = True) -> dict[str, Any
             "acceptance_prune_unseen": acceptance(summary, results["bases"]["test_acc"], certified("prune-unseen")),
         }
         if kind == "class":
-            results["requests"][req]["acceptance_prune_unseen_pointcal"] = acceptance(
-                summary, results["bases"]["test_acc"], certified("prune-unseen-pointcal"), "prune-unseen-pointcal")
+            for m in ("prune-unseen-pointcal", "prune-suppress"):
+                if m in summary:
+                    results["requests"][req][f"acceptance_{m.replace('-', '_')}"] = acceptance(
+                        summary, results["bases"]["test_acc"], certified(m), m)
     results["total_seconds"] = time.perf_counter() - t_start
     return results

@@ -68,7 +68,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         for m, stats in r["summary"].items():
             lines.append("| " + " | ".join([m] + [_fmt(stats[k], kind) for k, _, kind in COLUMNS]) + " |")
         lines.append("")
-        for key, name in (("acceptance_prune_unseen", "prune-unseen"), ("acceptance_prune_unseen_pointcal", "prune-unseen-pointcal")):
+        for key, name in (("acceptance_prune_unseen", "prune-unseen"), ("acceptance_prune_unseen_pointcal", "prune-unseen-pointcal"),
+                          ("acceptance_prune_suppress", "prune-suppress")):
             acc = r.get(key)
             if acc:
                 lines += [f"Acceptance ({name} vs retrain, means over seeds):", ""]
