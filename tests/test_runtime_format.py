@@ -1222,3 +1222,24 @@ def test_cheap_forms_are_exact():
             np.testing.assert_allclose(t[k], t1, atol=1e-12)
     T, _ = affine_from_scales_many(targets, rng.uniform(0.1, 0.9, size=(4, C)), rng.normal(size=(4, C)), C)
     assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, np.zeros((4, C)))) == "affine"
+
+
+# sha256 of the canonical graphs of fixed parameters, as format 3 writes them (measured on the code that
+# introduced format 3). A device re-builds this graph to check a file's structure, so any change here
+# refuses every patch already shipped: it must come with a new format version, not silently.
+FORMAT3_CANONICAL_SHA256 = {
+    "affine": "8736eae21b4b7a3fbbb0cf8fe552a7458b785a9ded4f460113d7d965bd9eafb6",
+    "shift": "4196849265d1320e0ba7e45c42a677569c28d96c8f2bb268457d35d2af09e747",
+    "collapse": "d38d5c58e2955c73b334b65d25f38eaf897e313773724639c0a7441cd7b78d87",
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMAT3_CANONICAL_SHA256))
+def test_canonical_graph_bytes_are_pinned(form):
+    params = random_params(np.random.default_rng(7), p=3)
+    if form != "affine":
+        c = params.T.shape[1]
+        T = np.zeros_like(params.T) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), params.T.shape).copy()
+        params = dataclasses.replace(params, T=T)
+    data = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString()
+    assert hashlib.sha256(data).hexdigest() == FORMAT3_CANONICAL_SHA256[form]
