@@ -13,6 +13,20 @@ from .errors import BaseModelError, InputError
 from .fileio import PathLike, sha256_bytes
 
 
+def read_onnx(path: PathLike, what: str = "model") -> tuple[bytes, onnx.ModelProto]:
+    """The file's exact bytes (what a sha256 binds) and the model decoded from them; a named error
+    saying what was expected otherwise."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise BaseModelError(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        return data, onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError has no stable import path
+        raise BaseModelError(f"{p.name}: expected an ONNX model, found undecodable bytes ({exc})") from None
+
+
 def _dims(value_info: onnx.ValueInfoProto) -> tuple:
     shape = value_info.type.tensor_type.shape
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
@@ -39,14 +53,7 @@ class BaseGraph:
     def load(cls, path: PathLike, card_path: PathLike | None = None) -> "BaseGraph":
         """Read a base model; its card is read (and checked) when a patch first needs it."""
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise BaseModelError(f"{p}: cannot read base model ({exc.strerror or exc})") from None
-        try:
-            model = onnx.load_from_string(data)
-        except Exception as exc:  # protobuf's DecodeError has no stable import path
-            raise BaseModelError(f"{p.name}: expected an ONNX model, found undecodable bytes ({exc})") from None
+        data, model = read_onnx(p, "base model")
         graph = model.graph
         init_names = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in init_names]

@@ -22,7 +22,7 @@ import onnxruntime
 
 from .. import __version__
 from ..data import Dataset, load_dataset
-from ..runtime.base import BaseGraph
+from ..runtime.base import BaseGraph, read_onnx
 from ..runtime.errors import BaseModelError, DatasetError
 from ..runtime.fileio import PathLike, sha256_bytes
 from .convert import ARCH, net_logits, to_preactnet
@@ -78,16 +78,7 @@ def in_model_layout(ds: Dataset, input_shape: tuple[int, ...], n_classes: int) -
 
 def inspect_model(path: PathLike) -> ImportPlan:
     """Analyse an ONNX file (no dataset needed): the plan, or :class:`UnsupportedModelError`."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise BaseModelError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError has no stable import path
-        raise BaseModelError(f"{p.name}: expected an ONNX model, found undecodable bytes ({exc})") from None
-    return analyse(model)
+    return analyse(read_onnx(path)[1])
 
 
 def check_import(graph: BaseGraph, plan: ImportPlan, x: np.ndarray) -> float:
