@@ -404,6 +404,64 @@ def test_update_killed_midway_leaves_the_previous_set(repo, server, device, keyf
     _assert_runs(device, mlp_bundle, [chain["first"], chain["second"]])
 
 
+# A real `prune-edge update` whose install step stops at its Nth directory fsync (1: the staging folder holds
+# set.json; 2: it is renamed to a set, active.json not yet switched; 3: active.json switched), so the test can
+# SIGKILL it at exactly that point. Only the pause is added; the update's own code runs unchanged.
+_PAUSING_UPDATE = """
+import os, sys, time
+from pathlib import Path
+import prune_edge.runtime.state as st
+from prune_edge.cli import main
+
+stop, marker, real, calls = int(os.environ["KILL_AT"]), Path(os.environ["KILL_MARKER"]), st._fsync_dir, [0]
+
+def paused(path):
+    real(path)
+    calls[0] += 1
+    if calls[0] == stop:
+        marker.write_text(str(path))
+        time.sleep(120)
+
+st._fsync_dir = paused
+sys.argv = ["prune-edge", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize("stop, switched", [(1, False), (2, False), (3, True)], ids=["staged", "renamed", "switched"])
+def test_update_killed_during_install_leaves_one_whole_set(repo, server, device, keyfiles, mlp_bundle, chain, tmp_path,
+                                                           stop, switched):
+    """SIGKILL inside the install step itself, at each of its durable points: the device runs either the
+    previous set or the new one, whole (never a mix, never nothing), and the next update completes."""
+    pub.publish(repo, online(keyfiles), mlp_bundle.onnx_path, [chain["first"]])
+    _update(device, server)
+    pub.publish(repo, online(keyfiles), mlp_bundle.onnx_path, [chain["second"]])
+    script, marker = tmp_path / "pausing_update.py", tmp_path / "paused"
+    script.write_text(_PAUSING_UPDATE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "update", "--state", str(device), "--metadata-url", server.metadata_url,
+         "--targets-url", server.targets_url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "KILL_AT": str(stop), "KILL_MARKER": str(marker)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"the update ended before its install step: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "the update never reached its install step"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    _assert_runs(device, mlp_bundle, [chain["first"], chain["second"]] if switched else [chain["first"]])
+    _update(device, server)
+    _assert_runs(device, mlp_bundle, [chain["first"], chain["second"]])
+    assert not list((device / st.SETS).glob(st.STAGING_PREFIX + "*"))
+
+
 def test_storage_edits_refused_then_repaired(repo, server, device, keyfiles, mlp_bundle, chain):
     """Someone with the device's storage: a flipped byte in an installed patch is refused when the
     model loads (``from_state`` verifies again); a patch dropped from the active set (to bring a
