@@ -7,6 +7,7 @@ the base can be retrained exactly (with or without a forget set).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -163,22 +164,25 @@ def check_base_out(out_dir: PathLike, overwrite: bool) -> None:
     raise BaseModelError(f"{out}: expected a new folder, found an existing base{orphaned}; pass --force to overwrite it")
 
 
-def new_base_tmp(out: Path) -> Path:
-    """A temp folder beside ``out`` to build a base folder in (the user's umask, not mkdtemp's 0700)."""
+@contextlib.contextmanager
+def building_base_folder(out: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``out`` to build a base folder in (the user's umask, not mkdtemp's
+    0700); if the block succeeds it replaces ``out`` (the old base's ledger moves along: the request
+    records outlive the base they were made for, they name the ids the next training must leave out).
+    Either way no temp folder is left behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    apply_umask(tmp, folder=True)
-    return tmp
-
-
-def install_base_folder(tmp: Path, out: Path) -> None:
-    """Put a finished base folder in place of ``out``. The old base's ledger moves along: the request
-    records outlive the base they were made for (they name the ids the next training must leave out)."""
-    if (out / LEDGER_DIRNAME).is_dir():
-        shutil.copytree(out / LEDGER_DIRNAME, tmp / LEDGER_DIRNAME)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        apply_umask(tmp, folder=True)
+        yield tmp
+        if (out / LEDGER_DIRNAME).is_dir():
+            shutil.copytree(out / LEDGER_DIRNAME, tmp / LEDGER_DIRNAME)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_base(
@@ -200,8 +204,7 @@ def train_base(
     ds = load_dataset(dataset)
     config = TrainConfig(arch=arch, seed=seed, epochs=epochs)
     net, stats = fit(ds.x_train, ds.y_train, ds.n_classes, config, device=device, progress=progress, desc=f"train {arch}")
-    tmp = new_base_tmp(out)
-    try:
+    with building_base_folder(out) as tmp:
         export = export_base(net, ds.input_shape, tmp / ONNX_NAME)
         torch.save(net.state_dict(), tmp / WEIGHTS_NAME)
         card = {
@@ -232,10 +235,6 @@ def train_base(
             raise BaseModelError(f"exported graph's Relu inputs {[g.name for g in device_card.relu_inputs]} are not its pre-activations")
         card["device_card"] = {"file": DEVICE_CARD_NAME, "gate_step_log2": device_card.gate_step_log2}
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-        install_base_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 

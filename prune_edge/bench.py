@@ -330,6 +330,17 @@ def format_table(r: dict[str, Any]) -> str:
     return table(rows, header=("measurement", "value", "ratio"))
 
 
+def _positive_ints(text: str, hint: str) -> tuple[int, ...]:
+    """A comma-separated list of sizes >= 1 (a usage error naming the option otherwise)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers", param_hint=hint) from None
+    if any(v < 1 for v in values):
+        raise click.BadParameter(f"expected sizes >= 1, found {min(values)}", param_hint=hint)
+    return values
+
+
 @click.command()
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--base", "base_dir", default=None, type=click.Path(file_okay=False),
@@ -348,22 +359,12 @@ def format_table(r: dict[str, Any]) -> str:
 def bench(out: str, base_dir: str | None, points: int, latency_patches: str, seed: int, device: str, threads: int | None,
           with_sets: bool, sets_sizes: str, sets_class: int, sets_mode: str, as_json: bool) -> None:
     """Benchmark patches against retraining: build time, bytes, onnxruntime latency (table, JSON, plot)."""
-    from .cli import _require
+    from .cli_common import require as _require
 
     _require(base_dir, "a base folder (from `prune-edge train-base`)", folder=True)  # bad input: exit 1
-    try:
-        sizes = tuple(int(v) for v in latency_patches.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("expected comma-separated integers", param_hint="--latency-patches") from None
-    if any(v < 1 for v in sizes):
-        # checked before the minutes of work that come before the sweep
-        raise click.BadParameter(f"expected patch sizes >= 1, found {min(sizes)}", param_hint="--latency-patches")
-    try:
-        set_sizes = tuple(int(v) for v in sets_sizes.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("expected comma-separated integers", param_hint="--sets-sizes") from None
-    if any(v < 1 for v in set_sizes):
-        raise click.BadParameter(f"expected sizes >= 1, found {min(set_sizes)}", param_hint="--sets-sizes")
+    # checked before the minutes of work that come before the sweeps
+    sizes = _positive_ints(latency_patches, "--latency-patches")
+    set_sizes = _positive_ints(sets_sizes, "--sets-sizes")
     sets = {"sizes": set_sizes, "forget_class": sets_class, "mode": sets_mode} if with_sets else None
     results = run_bench(Path(out), points, sizes, seed, device, Path(base_dir) if base_dir else None, progress=not as_json,
                         threads=threads, sets=sets)

@@ -18,12 +18,15 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
+from .cli_common import device_options as _device_options
+from .cli_common import emit_json as _emit_json
+from .cli_common import jsonable as _jsonable
+from .cli_common import policy_from as _policy
+from .cli_common import require as _require
+from .cli_common import require_device_inputs as _require_device_inputs
 from .report import pct as _pct
 from .report import table as _table
 from .runtime.errors import InputError, PatchVerificationError, PruneEdgeError
-
-if __name__ in ("__main__", "__mp_main__"):  # `python -m prune_edge.cli` (and its spawned workers): command modules that import `.cli` get this module
-    sys.modules.setdefault("prune_edge.cli", sys.modules[__name__])
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 
@@ -78,56 +81,6 @@ class _Group(click.Group):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("interrupted", err=True)
             ctx.exit(130)
-
-
-def _emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def _jsonable(v: Any) -> Any:
-    """A model output as JSON: arrays as lists, a ZipMap's dicts with string keys."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist()) if v.dtype == object else v.tolist()
-    return _json_default(v) if isinstance(v, (np.generic,)) else v
-
-
-def _require(path: str | None, what: str, folder: bool = False) -> None:
-    """A missing input is bad input (exit 1, one line), not a usage error (2) nor a failed patch (3);
-    commands call this for every input path before any slow work."""
-    if path is None:
-        return
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{path}: expected {what}, found no such {'folder' if folder else 'file'}")
-    if folder and not p.is_dir():
-        raise InputError(f"{path}: expected {what}, found a file")
-    if not folder and p.is_dir():
-        raise InputError(f"{path}: expected {what}, found a folder")
-
-
-def _require_device_inputs(base: str, patches: Sequence[str], card_path: str | None, policy_path: str | None) -> None:
-    """The inputs every device command shares, checked in the order the command reads them."""
-    _require(policy_path, "a device policy JSON file")
-    _require(base, "a base model file (base.onnx)")
-    _require(card_path, "a base card JSON file")
-    for p in patches:
-        _require(p, "a patch file (.pepatch)")
 
 
 def _load_array(path: str) -> np.ndarray:
@@ -360,29 +313,6 @@ def _build_table(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- device
-def _policy(policy_path: str | None, max_gate_width: float | None):
-    """The device policy: defaults, a JSON file, then the command-line override."""
-    import dataclasses
-
-    from .runtime.policy import DEFAULT_POLICY, DevicePolicy
-
-    policy = DevicePolicy.load(policy_path) if policy_path else DEFAULT_POLICY
-    if max_gate_width is not None:
-        policy = dataclasses.replace(policy, max_gate_width=max_gate_width)
-    return policy
-
-
-def _device_options(f):
-    """--card, --policy, --max-gate-width: what the device trusts, shared by every device command."""
-    f = click.option("--max-gate-width", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Widest gate allowed (1/gamma, pre-activation units). Default: the policy's (1.0).")(f)
-    f = click.option("--policy", "policy_path", type=click.Path(), default=None,
-                     help="Device policy JSON (caps on gate width, |T|, |t|, records).")(f)
-    f = click.option("--card", "card_path", type=click.Path(), default=None,
-                     help="Base card. Default: base.card.json beside the base model.")(f)
-    return f
-
-
 def _patched(base: str, patches: Sequence[str], card_path: str | None, policy):
     from .runtime.model import PatchedModel
 

@@ -17,7 +17,7 @@ from .runtime.errors import InputError
 
 
 def _emit_json(doc: Any) -> None:
-    from .cli import _emit_json as emit
+    from .cli_common import emit_json as emit
 
     emit(doc)
 
@@ -99,7 +99,7 @@ def repo_publish(directory: str, base, patches, keys, policy_path, as_json: bool
     """Add a base and patches (each certified against the base first), then re-sign targets, snapshot
     and timestamp. With no --base: only renew the metadata (run this before the timestamp expires)."""
     _need_tuf()
-    from .cli import _policy
+    from .cli_common import policy_from as _policy
     from .delivery.publish import publish
 
     out = publish(directory, _role_map(keys, "--key"), base, list(patches), policy=_policy(policy_path, None))

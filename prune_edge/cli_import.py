@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import _emit_json, _require
+from .cli_common import emit_json as _emit_json
+from .cli_common import require as _require
 from .report import pct, table
 
 

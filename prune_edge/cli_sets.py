@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
-from .cli import _device_options, _emit_json, _policy, _require, _require_device_inputs
+from .cli_common import device_options as _device_options
+from .cli_common import emit_json as _emit_json
+from .cli_common import policy_from as _policy
+from .cli_common import require_device_inputs as _require_device_inputs
 from .report import table as _table
 
 

@@ -57,7 +57,7 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
         outputs.append(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", c] if c else None))
     records: list[tuple[int, int]] = []
     if patches:
-        prefix, records = _insert_patches(graph, patches, logits)
+        prefix, records = insert_patches(graph, patches, logits)
         if expose_gates and records:
             # the acting gate's value (N, 1), 0 where no record is open, and its record (N,)
             outputs += [
@@ -69,7 +69,7 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
     return Composition(model, records, tuple(o.name for o in outputs), logits)
 
 
-def _insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], logits: str) -> tuple[str, list[tuple[int, int]]]:
+def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], logits: str) -> tuple[str, list[tuple[int, int]]]:
     """Splice one batched correction into ``graph`` right after the node that computes ``logits``
     (so the node list stays topologically sorted: the gates read Relu inputs computed before it).
     Returns the name prefix of the new tensors and (patch, record) for each record, in gate order."""

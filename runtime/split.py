@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .base import BaseGraph
-from .compose import _insert_patches
+from .compose import insert_patches
 from .errors import StructureError
 from .verify import VerifiedPatch
 
@@ -80,7 +80,7 @@ def split_sessions(base: BaseGraph, patches: Sequence[VerifiedPatch]) -> SplitSe
         [value_info(n) for n in gated] + [helper.make_tensor_value_info(fed, TensorProto.FLOAT, ["N", *shapes[logits]])],
         [value_info(logits)],
     )
-    _insert_patches(graph, patches, logits)
+    insert_patches(graph, patches, logits)
     graph.input[-1].name = logits  # the application feeds session 1's logits under their own name ...
     for node in graph.node:  # ... so the Identity reads them directly
         node.input[:] = [logits if i == fed else i for i in node.input]

@@ -370,6 +370,22 @@ def test_patch_failing_certify_is_never_installed(repo, server, device, keyfiles
 
 
 # ----------------------------------------------------------------------------- crash safety
+def _kill_when(proc: subprocess.Popen, reached, what: str, settle: float = 0.0, timeout: float = 120) -> None:
+    """SIGKILL a real update process once ``reached()`` is true (it must still be running then)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached():
+            assert proc.poll() is None, f"the update ended before {what}: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"the update never reached {what}"
+        time.sleep(settle)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_update_killed_midway_leaves_the_previous_set(repo, server, device, keyfiles, mlp_bundle, chain):
     """A real ``prune-edge update`` process, SIGKILLed while it downloads the new patch (the server
@@ -384,16 +400,7 @@ def test_update_killed_midway_leaves_the_previous_set(repo, server, device, keyf
          server.metadata_url, "--targets-url", server.targets_url],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    try:
-        while not server.started[path].wait(0.2):
-            assert proc.poll() is None, f"the update ended before the download: {proc.stderr.read().decode()}"
-        time.sleep(0.3)  # it holds half the file now
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _kill_when(proc, lambda: server.started[path].wait(0.2), "the download", settle=0.3)  # it holds half the file then
     server.stall[path].set()
     assert list((device / st.SETS).glob(st.STAGING_PREFIX + "*")), "expected the killed update's staging folder"
     _assert_runs(device, mlp_bundle, [chain["first"]])
@@ -444,18 +451,7 @@ def test_update_killed_during_install_leaves_one_whole_set(repo, server, device,
          "--targets-url", server.targets_url],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "KILL_AT": str(stop), "KILL_MARKER": str(marker)},
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, f"the update ended before its install step: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "the update never reached its install step"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _kill_when(proc, lambda: marker.exists() or time.sleep(0.05), "its install step")
     _assert_runs(device, mlp_bundle, [chain["first"], chain["second"]] if switched else [chain["first"]])
     _update(device, server)
     _assert_runs(device, mlp_bundle, [chain["first"], chain["second"]])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +116,9 @@ def import_base(model_path: PathLike, dataset: str, out_dir: PathLike, overwrite
     digest = sha256_bytes(data)
     ds = load_dataset(dataset)
     layout = in_model_layout(ds, plan.input_shape, plan.n_classes)
-    from ..basedir import install_base_folder, new_base_tmp
+    from ..basedir import building_base_folder
 
-    tmp = new_base_tmp(out)
-    try:
+    with building_base_folder(out) as tmp:
         (tmp / ONNX_NAME).write_bytes(data)
         graph = BaseGraph.load(tmp / ONNX_NAME)
         if graph.sha256 != digest:
@@ -171,10 +169,6 @@ def import_base(model_path: PathLike, dataset: str, out_dir: PathLike, overwrite
         if card["onnx"]["preacts"] != plan.relu_names or [tuple(s) for s in card["onnx"]["preact_shapes"]] != [tuple(shapes[n]) for n in plan.relu_names]:
             raise UnsupportedModelError(f"model: the device card's Relu inputs {card['onnx']['preacts']} differ from the import's {plan.relu_names}")
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-        install_base_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 
