@@ -228,8 +228,12 @@ def _card_table(card: dict) -> str:
 @click.option("--target", "target", type=click.Choice(["confuse", "unseen"]), default="confuse", show_default=True,
               help="confuse: PRUNE's random wrong label; unseen: the calibrated output of models that never saw the "
                    "points (collapse-form records; implies --mode collapse; see prune_edge.targets).")
+@click.option("--margin-rule", "margin_rule", type=click.Choice(["match", "median"]), default=None,
+              help="suppress: the margin from the base's calibration (models trained without the class; no test "
+                   "point) instead of --margin, for a suppression run after the class's --target unseen records "
+                   "(pass that patch with --after; see prune_edge.targets.class_suppression_margin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, budget, allow_partial, mode, gate_layers, gamma, seed, bounds, after, device, out, ledger, target, as_json) -> None:
+def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, budget, allow_partial, mode, gate_layers, gamma, seed, bounds, after, device, out, ledger, target, margin_rule, as_json) -> None:
     """Compute a certified PRUNE patch that makes the base forget the given training points."""
     from .basedir import load_base, read_card
     from .requests import read_forget_ids
@@ -241,6 +245,11 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, bud
         raise click.UsageError("expected exactly one of --forget IDS.txt or --forget-class K")
     if strategy == "suppress" and not forget_classes:
         raise click.UsageError("--strategy suppress: expected --forget-class K (a suppression forgets whole classes)")
+    if margin_rule and (not forget_classes or (strategy or "suppress") != "suppress"):
+        raise click.UsageError(f"--margin-rule: expected --forget-class K with the suppress strategy, found "
+                               f"{'--strategy ' + strategy if forget_classes else '--forget IDS.txt'}")
+    if margin_rule and click.get_current_context().get_parameter_source("margin").name != "DEFAULT":
+        raise click.UsageError("--margin-rule: expected no --margin (the rule computes the margin)")
     _require(forget_path, "a forget file of training-split ids")
     for p in after:
         _require(p, "a patch file (.pepatch) for --after")
@@ -252,6 +261,10 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, bud
     if forget_classes and (strategy or "suppress") == "suppress":  # the class default (prune_edge.suppress)
         from .suppress import build_class_suppression, suppress_table_rows
 
+        if margin_rule:  # calibrated on the server's models without the class (cached in the base folder)
+            from .targets import calibrated_suppression_margin
+
+            margin = calibrated_suppression_margin(bundle, forget_classes, margin_rule, progress=not as_json)
         report = build_class_suppression(bundle, forget_classes, out, margin=margin, after=after, ledger=ledger)
         _emit_json(report) if as_json else click.echo(_table(suppress_table_rows(report)))
         return

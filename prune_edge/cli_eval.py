@@ -20,7 +20,8 @@ ULIRA_DEFAULT = "all but prune-confuse"
 @click.option("--forget", "forget", multiple=True, help="random:N or class:K (repeatable). Default: random:200 and class:3.")
 @click.option("--methods", default="all", show_default=True,
               help="Comma-separated: prune-confuse, collapse-confuse, prune-unseen, prune-unseen-pointcal, retrain, finetune, neggrad, neggrad+, "
-                   "randlabel, salun, l1sparse, sisa; or all.")
+                   "randlabel, salun, l1sparse, sisa; for class:K also prune-suppress, prune-suppress-cal, prune-suppress-unseen, "
+                   "prune-suppress-unseen-median; or all.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds (bases and requests). Default 3; 1 with --quick.")
 @click.option("--shadows", type=click.IntRange(min=2), default=None,
               help="Attacker shadow models for LiRA (and as many server calibration shadows). Default 16; 4 with --quick.")
@@ -74,7 +75,8 @@ def evaluate_unlearning(dataset, arch, forget, methods, seeds, shadows, class_sh
     paths = write_report(results, Path(out))
     click.echo(console_table(results))
     for req, r in results["requests"].items():
-        for key, name in (("acceptance_prune_unseen", "prune-unseen"), ("acceptance_prune_unseen_pointcal", "prune-unseen-pointcal")):
+        for key in [k for k in r if k.startswith("acceptance_")]:
+            name = key[len("acceptance_"):].replace("_", "-")
             for k, v in (r.get(key) or {}).items():
                 click.echo(f"{req} {name} {k}: {'holds' if v['holds'] else 'does NOT hold'}")
     click.echo("wrote " + ", ".join(paths.values()))

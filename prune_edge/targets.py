@@ -194,6 +194,59 @@ def class_calibration(logits: np.ndarray, ids: np.ndarray, y: np.ndarray, classe
     return ClassCalibration(tuple(sorted(int(c) for c in classes)), np.asarray(ids, np.int64), scale * one, scale, len(lg), ks)
 
 
+# ----------------------------------------------------------------------------- class suppression margin
+MARGIN_RULES = ("match", "median")
+
+
+def suppressed(logits: np.ndarray, classes: Sequence[int], margin: float) -> np.ndarray:
+    """What a suppression patch outputs (:mod:`prune_edge.suppress`): each class of ``classes`` capped
+    ``margin`` below the best class outside them, every other logit unchanged."""
+    out = np.array(logits, np.float64, copy=True)
+    rest = np.delete(out, list(classes), axis=1).max(axis=1)
+    for k in classes:
+        out[:, k] = np.minimum(out[:, k], rest - margin)
+    return out
+
+
+def loss_auc(loss_pos: np.ndarray, loss_neg: np.ndarray) -> float:
+    """P(loss of a positive < loss of a negative), ties counted half: the loss-threshold attack's AUC."""
+    a, b = np.asarray(loss_pos, np.float64), np.asarray(loss_neg, np.float64)
+    _, inv, cnt = np.unique(np.concatenate([-a, -b]), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv]  # 1-based ranks of -loss, ties averaged (Mann-Whitney)
+    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+
+
+def class_suppression_margin(forget_logits: np.ndarray, proxy_unseen: np.ndarray, y: np.ndarray, classes: Sequence[int],
+                             rule: str = "match", record_margin: float = 1.0) -> float:
+    """The margin of a class's suppression patch that runs after its ``--target unseen`` records, from
+    the server's training data only (never a test point):
+
+    * ``forget_logits``: the records' constants, the outputs models trained without the class give to the
+      class's training points (:class:`ClassCalibration`);
+    * ``proxy_unseen``: the out-of-fold logits of the same points (:class:`UnseenCalibration`): what a
+      model of the base's recipe that saw other images of the class, but not this one, answers, i.e.
+      the server's stand-in for how the base answers an unseen image of the class.
+
+    ``median``: the median over the class's points of (best other logit - class logit) of the constants.
+    It under-shoots: the suppression also lifts every forgotten point whose gap is below the margin, so
+    forgotten points end up more confidently wrong than the (all-at-the-margin) unseen ones.
+    ``match``: the margin at which a loss-threshold attack on the server's data cannot tell the records'
+    certified outputs, suppressed, from the proxy unseen images, suppressed (AUC closest to 0.5 on a
+    0.1 grid from 1 to 64; the AUC rises with the margin)."""
+    if rule not in MARGIN_RULES:
+        raise ValueError(f"margin rule: expected one of {MARGIN_RULES}, found {rule!r}")
+    cls = sorted(int(c) for c in classes)
+    f = np.asarray(forget_logits, np.float64)
+    if rule == "median":
+        gap = np.delete(f, cls, axis=1).max(axis=1) - f[:, cls].max(axis=1)
+        return float(max(np.median(gap), record_margin))
+    rec = certified_output(f, record_margin)[1]
+    y = np.asarray(y)
+    grid = np.round(np.arange(1.0, 64.0001, 0.1), 1)
+    aucs = np.array([loss_auc(_ce(suppressed(rec, cls, m), y), _ce(suppressed(proxy_unseen, cls, m), y)) for m in grid])
+    return float(grid[int(np.argmin(np.abs(aucs - 0.5)))])
+
+
 def fold_masks(n: int, k: int, seed: int) -> np.ndarray:
     """(k, n) membership of k fold models: a random split of the n points into k folds; model j trains
     on every fold but fold j, so each point is out of exactly one model (deterministic by seed)."""
@@ -332,3 +385,13 @@ def unseen_rows(calibration: np.ndarray, groups: Sequence[Sequence[int]], ids: n
         betas.append(np.floor(rows * 1e6) / 1e6)
         shifts.append(round(float(c.mean()), 6))
     return UnseenRows(targets, np.array(betas), np.array(shifts))
+
+
+def calibrated_suppression_margin(bundle: Any, classes: Sequence[int], rule: str = "match", progress: bool = True) -> float:
+    """The suppression margin :func:`class_suppression_margin` gives for ``classes`` on this base, from
+    its cached calibrations (built on first use: the fold models and the models without the classes;
+    no test point is read). It is meant for the suppression that runs after the classes' ``--target
+    unseen`` records."""
+    point = load_or_build_calibration(bundle, progress=progress).logits
+    cal = load_or_build_class_calibration(bundle, classes, progress=progress)
+    return class_suppression_margin(cal.logits, point[cal.ids], bundle.dataset.y_train[cal.ids], classes, rule)

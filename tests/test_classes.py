@@ -243,3 +243,39 @@ def test_verify_sample_names_the_suppression(suppressed, mlp_bundle, tmp_path):
     assert r.exit_code == 0 and doc["status"] == "forgotten" and doc["covered_by"]["suppressed_class"] == K
     r = CliRunner().invoke(main, [*args, str((K + 1) % ds.n_classes)])
     assert r.exit_code == 1 and json.loads(r.output)["status"] == "not covered"
+
+
+def test_margin_rule_takes_the_margin_from_the_cached_calibration(tmp_path, mlp_base, mlp_bundle):
+    """`--margin-rule` computes the suppression's margin from the base folder's cached calibrations (here
+    written by hand into a copy of the base, so no model is trained): the manifest's margin is the one
+    targets.class_suppression_margin gives on those files; it refuses --margin and a non-suppress build."""
+    import shutil
+
+    from prune_edge.cli import main
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.targets import (CALIBRATION_NAME, ClassCalibration, UnseenCalibration, class_calibration_name,
+                                    class_suppression_margin)
+
+    base = tmp_path / "base"
+    shutil.copytree(mlp_base, base, ignore=shutil.ignore_patterns("ledger", "patches", "*.npz"))
+    ds = mlp_bundle.dataset
+    rng = np.random.default_rng(0)
+    point = PatchedModel(mlp_bundle.onnx_path).logits(ds.x_train).astype(np.float64) + rng.normal(0, 1, (len(ds.y_train), ds.n_classes))
+    UnseenCalibration(point, 1.0, 16, np.ones(len(point), np.int64), 0.0, 0.9).save(base / CALIBRATION_NAME)
+    ids = np.flatnonzero(ds.y_train == K)
+    without = point[ids].copy()
+    without[:, K] -= rng.normal(15, 4, len(ids))  # what models without the class would say
+    ClassCalibration((K,), ids, without, 1.0, 4, 0.0).save(base / class_calibration_name([K]))
+    out = tmp_path / "s.pepatch"
+    run = lambda *a: CliRunner().invoke(main, ["build-patch", "--base", str(base), "--forget-class", str(K), *a,  # noqa: E731
+                                               "--out", str(out), "--ledger", str(tmp_path / "ledger"), "--json"])
+    r = run("--margin-rule", "match")
+    assert r.exit_code == 0, r.output
+    want = class_suppression_margin(without, point[ids], ds.y_train[ids], [K], "match")
+    assert read_patch_file(out).manifest.suppress["margin"] == pytest.approx(want) and want > 1.0
+    assert json.loads(r.output)["margin"] == pytest.approx(want)
+    out.unlink()
+    for args, match in ((("--margin-rule", "median", "--margin", "2"), "expected no --margin"),
+                        (("--margin-rule", "median", "--strategy", "points"), "expected --forget-class K with the suppress")):
+        r = run(*args)
+        assert r.exit_code == 2 and match in r.output and not out.exists()

@@ -123,6 +123,69 @@ def test_class_unseen_patch_outputs_the_class_calibration(quick_run):
     assert np.abs(centred(got) - centred(want)).max() < 1e-3
 
 
+def test_class_request_is_judged_on_the_retained_classes(quick_run):
+    """A class request's test-accuracy item compares accuracies on the test points whose label is not
+    the class (the base's recomputed here through onnxruntime); a point request keeps the overall one."""
+    from prune_edge.basedir import load_base
+    from prune_edge.runtime.model import PatchedModel
+
+    out, results, _ = quick_run
+    bundle = load_base(out / "bases" / "seed0")
+    ds = bundle.dataset
+    keep = ds.y_test != CLASS
+    base_retained = float((PatchedModel(bundle.onnx_path, []).predict(ds.x_test[keep]) == ds.y_test[keep]).mean())
+    req = results["requests"][f"class:{CLASS}"]
+    assert req["base_test_acc_retained"]["mean"] == pytest.approx(base_retained)
+    for key in [k for k in req if k.startswith("acceptance_")]:
+        method = key[len("acceptance_"):].replace("_", "-")
+        item = req[key]["retained_class_test_acc_within_0.5pp_of_base"]
+        assert "test_acc_within_0.5pp_of_base" not in req[key]
+        assert item["value"] == req["summary"][method]["test_acc_retained"]["mean"] and item["reference"] == pytest.approx(base_retained)
+    # retraining loses the class's test images: overall accuracy falls by about the class's share, not the rest
+    s = req["summary"]["retrain"]
+    assert s["test_acc"]["mean"] < s["test_acc_retained"]["mean"] - 0.05
+    r = results["requests"][f"random:{N_FORGET}"]
+    assert "test_acc_within_0.5pp_of_base" in r["acceptance_prune_unseen"]
+    for m, st in r["summary"].items():
+        assert st["test_acc_retained"]["mean"] == st["test_acc"]["mean"], m
+    assert "test acc (retained classes)" in (out / "report.md").read_text()
+
+
+def test_suppress_unseen_runs_records_then_a_calibrated_suppression(quick_run):
+    """prune-suppress-unseen's two files pass the device's set checks; through onnxruntime the class's
+    forgotten points get the records' constants (models without the class) with the class capped at the
+    margin, and no test image of the class is predicted as the class. The margin is the one the cached
+    calibration files (training data only) give."""
+    from prune_edge.basedir import load_base
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.runtime.verify import check_patch_set, verify_patch
+    from prune_edge.targets import (ClassCalibration, UnseenCalibration, certified_output, class_calibration_name,
+                                    class_suppression_margin, suppressed)
+
+    out, results, _ = quick_run
+    folder = out / "bases" / "seed0"
+    bundle = load_base(folder)
+    ds = bundle.dataset
+    patches = [folder / "patches" / f"prune-suppress-unseen-class{CLASS}-records.pepatch",
+               folder / "patches" / f"prune-suppress-unseen-class{CLASS}.pepatch"]
+    check_patch_set([verify_patch(p, bundle.graph) for p in patches])
+    cal = ClassCalibration.load(folder / class_calibration_name([CLASS]))
+    point = UnseenCalibration.load(folder / "unseen-calibration.npz").logits
+    margin = class_suppression_margin(cal.logits, point[cal.ids], ds.y_train[cal.ids], [CLASS], "match")
+    run = results["requests"][f"class:{CLASS}"]["runs"]["prune-suppress-unseen"][0]
+    assert run["margin"] == pytest.approx(margin) and margin > 1.0
+    model = PatchedModel(bundle.onnx_path, patches)
+    want = suppressed(certified_output(cal.logits, 1.0)[1], [CLASS], margin)
+    got = model.logits(ds.x_train[cal.ids])
+    centred = lambda a: a - a.mean(axis=1, keepdims=True)  # noqa: E731
+    # (0.05: the patch file may store its constants rounded; a wrong order or margin is off by the margin's size)
+    assert np.abs(centred(got) - centred(want)).max() < 0.05
+    test_pred = model.logits(ds.x_test[ds.y_test == CLASS])
+    assert (test_pred.argmax(1) != CLASS).all()
+    others = np.delete(test_pred, CLASS, axis=1).max(1)
+    assert (others - test_pred[:, CLASS] >= margin - 1e-3).all()  # every unseen image of the class at least the margin below
+
+
 def test_grid_calibration_is_what_build_patch_computes(quick_run):
     """The grid trains its calibration models as tasks; `build-patch --target unseen` trains them in
     process from the base folder. Both must give the same constants, or the grid measures another target."""

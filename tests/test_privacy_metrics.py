@@ -133,3 +133,81 @@ def test_attacker_calibration_takes_the_next_shadow_that_never_saw_the_point():
     got = attacker_calibration(logits, in_mask, 0)[:, 0]
     assert got.tolist() == [1.0, 2.0, 1.0]
     assert attacker_calibration(logits, in_mask, 1)[:, 0].tolist() == [1.0, 2.0, 0.0]
+
+
+def test_loss_auc_is_the_loss_attacks_auc_with_ties():
+    """targets.loss_auc (rank form, no sklearn on the server path) against metrics' AUC of -loss, on
+    rounded draws full of ties, over seeds."""
+    from prune_edge.targets import loss_auc
+
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(size=rng.integers(1, 60)).round(1), rng.normal(0.4, size=rng.integers(1, 80)).round(1)
+        assert loss_auc(a, b) == pytest.approx(M.attack_summary(-a, -b)["auc"], abs=1e-12), seed
+
+
+def test_suppressed_caps_the_class_below_the_best_other_and_leaves_the_rest():
+    from prune_edge.targets import suppressed
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 5, (500, 6))
+    for classes, m in (([2], 3.0), ([0, 4], 0.5)):
+        out = suppressed(z, classes, m)
+        rest = [j for j in range(6) if j not in classes]
+        assert (out[:, rest] == z[:, rest]).all()
+        for k in classes:  # exactly min(f_K, max_{j not in S} f_j - m): no input predicts a suppressed class
+            assert (out[:, k] == np.minimum(z[:, k], z[:, rest].max(1) - m)).all()
+        assert not np.isin(out.argmax(1), classes).any()
+
+
+def test_class_suppression_margin_rules():
+    """median: the median gap of the constants; match: the grid margin at which the server-side loss
+    attack (records' certified outputs, suppressed, vs proxy unseen outputs, suppressed) is closest to
+    0.5, checked with metrics' own AUC on every neighbouring grid point."""
+    from prune_edge.targets import class_suppression_margin, suppressed
+
+    rng = np.random.default_rng(1)
+    n, K = 300, 2
+    f = rng.normal(0, 3, (n, 5))
+    f[:, K] -= rng.normal(15, 4, n)  # models without the class: the class far below the best other
+    proxy = rng.normal(0, 3, (n, 5))
+    proxy[:, K] += 8  # the base-like model predicts the class on its unseen images
+    y = np.full(n, K)
+    gap = np.delete(f, K, 1).max(1) - f[:, K]
+    assert class_suppression_margin(f, proxy, y, [K], "median") == pytest.approx(np.median(gap))
+    m = class_suppression_margin(f, proxy, y, [K], "match")
+
+    def server_auc(mm: float) -> float:
+        lf = M.per_sample_loss(suppressed(certified_output(f, 1.0)[1], [K], mm), y)
+        return M.attack_summary(-lf, -M.per_sample_loss(suppressed(proxy, [K], mm), y))["auc"]
+
+    assert abs(server_auc(m) - 0.5) < 0.05
+    assert all(abs(server_auc(m) - 0.5) <= abs(server_auc(mm) - 0.5) + 1e-12 for mm in (m - 0.1, m + 0.1) if mm >= 1)
+    assert server_auc(1.0) < 0.3 and m > np.median(gap)  # the median under-shoots: it lifts half the forgotten points
+    with pytest.raises(ValueError, match="expected one of"):
+        class_suppression_margin(f, proxy, y, [K], "mean")
+
+
+def test_margin_study_affine_margin_recovers_retraining_when_the_gap_is_affine():
+    """Known answer for the offline margin study: when the no-class model's gap is exactly an affine
+    function of the base's logits, and retraining answers the test images with that gap and the
+    forgotten ones with the records' constants, the fitted margin has R^2 1 and its loss-attack AUC is
+    retraining's, though the test images are shifted (a constant margin cannot follow that)."""
+    from prune_edge.unlearning_eval.margin_study import gap, study, suppress_per_input
+
+    rng = np.random.default_rng(3)
+    k, C, P, U = 1, 5, 200, 120
+    w = rng.normal(0, 0.3, C)
+    w[k] = 0.05  # (the class's own logit is large: a small weight keeps every gap well above the record margin)
+    g = lambda f: 12 + f @ w  # noqa: E731
+    bf = rng.normal(0, 2, (P, C)) + 10 * np.eye(C)[k]  # the base predicts the class on its training images...
+    bu = rng.normal(0.7, 2.5, (U, C)) + 8 * np.eye(C)[k]  # ... and on the (shifted) test images
+    without_f = suppress_per_input(bf, k, g(bf))  # the no-class model: the class exactly g below the best other
+    rec = certified_output(without_f, 1.0)[1]
+    ru = suppress_per_input(bu, k, g(bu))
+    assert (g(bf) > 2).all() and (g(bu) > 2).all() and np.allclose(gap(without_f, k), g(bf))
+    res = study(k, np.full(P, k), np.full(U, k), [bf], [bu], [rec], [ru], without_f[None], ru[None], bf, scan=(5, 10))
+    fit = res["affine_margin"]["fit_on_base_logits"]
+    assert fit["r2"]["mean"] == pytest.approx(1.0) and fit["corr_retrain_gap"]["mean"] == pytest.approx(1.0)
+    assert fit["records_kept"]["mean"] == pytest.approx(res["retrain_auc"]["mean"], abs=1e-9)
+    assert abs(res["constant_margin"]["match"]["auc"]["mean"] - res["retrain_auc"]["mean"]) > 0.05

@@ -14,7 +14,7 @@ from ..runtime.fileio import atomic_path, atomic_write_bytes
 
 COLUMNS = [
     ("forget_acc", "forget acc", "pct"), ("retain_acc", "retain acc", "pct"), ("test_acc", "test acc", "pct"),
-    ("agree_forget", "agree retrain (forget)", "pct"), ("agree_test", "agree retrain (test)", "pct"),
+    ("test_acc_retained", "test acc (retained classes)", "pct"), ("agree_forget", "agree retrain (forget)", "pct"), ("agree_test", "agree retrain (test)", "pct"),
     ("loss_auc", "loss-attack AUC", "f3"), ("loss_tpr_1pct", "loss TPR@1%", "pct"),
     ("challenge_acc", "challenge LR acc", "f3"),
     ("lira_auc", "LiRA AUC", "f3"), ("lira_tpr_1pct", "LiRA TPR@1%", "pct"), ("lira_tpr_0.1pct", "LiRA TPR@0.1%", "pct"),
@@ -68,9 +68,19 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         for m, stats in r["summary"].items():
             lines.append("| " + " | ".join([m] + [_fmt(stats[k], kind) for k, _, kind in COLUMNS]) + " |")
         lines.append("")
-        for key, name in (("acceptance_prune_unseen", "prune-unseen"), ("acceptance_prune_unseen_pointcal", "prune-unseen-pointcal"),
-                          ("acceptance_prune_suppress", "prune-suppress")):
-            acc = r.get(key)
+        if r["unseen_points"] != "all test points":
+            b = r["base_test_acc_retained"]
+            lines += [f"Class request: the bar's test-accuracy item compares `test acc (retained classes)` (test points whose "
+                      f"label is not a forgotten class) with the base's on the same points, "
+                      f"{100 * b['mean']:.2f} ± {100 * b['std']:.2f}%; forgetting a class loses its test images by definition.", ""]
+        margins = {m: v for m, v in (r.get("suppression_margins") or {}).items() if v["n"]}
+        if margins:
+            lines += ["Suppression margins (mean ± std over seeds): " + ", ".join(
+                f"{m} {v['mean']:.2f} ± {v['std']:.2f}" for m, v in margins.items()), ""]
+        for key, acc in r.items():
+            if not key.startswith("acceptance_"):
+                continue
+            name = key[len("acceptance_"):].replace("_", "-")
             if acc:
                 lines += [f"Acceptance ({name} vs retrain, means over seeds):", ""]
                 for k, v in acc.items():
