@@ -45,8 +45,9 @@ UNIT_ROUNDOFF = 2.0**-53
 # Dtype of A in the two products of a step: None picks per device (see _compute_dtype).
 COMPUTE_DTYPE: torch.dtype | None = None
 # With bfloat16 products, r = c + A^T mu is updated incrementally (A^T of the small change in mu,
-# rounded to bf16) and recomputed exactly in float32 every REFRESH steps, so rounding never piles up.
-REFRESH = 10
+# rounded to bf16) and recomputed exactly in float32 every REFRESH steps, so rounding never piles up
+# (measured: the same bounds refreshing every 10, 20 or 40 steps; a refresh costs ~6 bf16 steps' products).
+REFRESH = 20
 
 
 def lr_end(steps: int) -> float:
@@ -55,22 +56,47 @@ def lr_end(steps: int) -> float:
     return min(0.01, 0.002 * (150 / max(steps, 1)) ** 1.5)
 
 
+class _Products:
+    """The two products of a dual step for a batch of LPs whose constraint matrices are J (B, M, D).
+
+    ``rows(u)`` is J u for u (B, K, D) in ``dtype`` (the step's product dtype); ``cols(nu, c)`` is
+    c + J^T nu in float32 and ``cols_low(nu)`` is J^T nu in ``dtype`` (both for nu (B, K, M) float32).
+    This class holds J itself; :mod:`prune_edge.mlp_bounds` computes the same products through an
+    MLP's shared weights without ever forming J."""
+
+    def __init__(self, a: torch.Tensor, dtype: torch.dtype):
+        self.dtype = dtype
+        self.a = a.float()  # (B, M, D)
+        self.low = None if dtype == torch.float32 else a.to(dtype)
+
+    def rows(self, u: torch.Tensor) -> torch.Tensor:
+        lhs = self.a if self.low is None else self.low
+        return torch.bmm(u, lhs.transpose(1, 2))
+
+    def cols(self, nu: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(c, nu, self.a)
+
+    def cols_low(self, nu: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(nu.to(self.dtype), self.a if self.low is None else self.low)
+
+
 @dataclass
 class _Scaled:
     """The LPs seen by the optimiser: h = lo + w u with u in [0, 1]^D, rows and objectives of unit norm.
 
     The scaling is applied on the small side of each product (multipliers, reduced costs), never to A
     itself: a pass over A costs about as much as a step. The scaled multipliers map back to the
-    original LP as mu = mu_s * row_scale * obj_scale; the certificate only needs mu >= 0."""
+    original LP as mu = mu_s * row_scale * obj_scale; the certificate only needs mu >= 0. A is
+    ``sign * J`` with J the matrix ``ops`` multiplies by (sign = 1 when ``ops`` holds A itself)."""
 
-    a: torch.Tensor  # (B, M, D) float32: A itself
-    a_low: torch.Tensor | None  # A in bfloat16 where that is faster, else None
+    ops: _Products  # products with J
     c: torch.Tensor  # (B, K, D) float32: c / obj_scale
     b: torch.Tensor  # (B, 1, M) float32: row_scale * (bvec - A lo)
     width: torch.Tensor | None  # (B, 1, D) float32 box widths; None when all are 1
     row_scale: torch.Tensor  # (B, 1, M) float32: 1 / |row of A diag(w)|, 0 for a negligible row
+    signed_scale: torch.Tensor  # (B, 1, M) float32: sign * row_scale (A = sign * J)
     obj_scale: torch.Tensor  # (B, K) float64: |c diag(w)|
-    row_norm: torch.Tensor  # (B, M) float64: |row of A|
+    row_norm: torch.Tensor | None  # (B, M) float64: |row of A| (generic path only)
 
 
 def _as_box(v: np.ndarray, batch: int, dim: int, name: str) -> np.ndarray:
@@ -118,14 +144,14 @@ def _scaled(a64: torch.Tensor, b64: torch.Tensor, c64: torch.Tensor, lo: torch.T
     b = b64 - torch.einsum("bmd,bd->bm", a64, lo) if bool(torch.any(lo != 0)) else b64
     obj = (c64 * width[:, None, :]).norm(dim=2)
     obj_scale = torch.where(obj > 0, obj, 1.0)
-    low = _compute_dtype(a64.device)
+    rs = row_scale.float()[:, None, :]
     return _Scaled(
-        a=a64.float(),
-        a_low=None if low == torch.float32 else a64.to(low),
+        ops=_Products(a64, _compute_dtype(a64.device)),
         c=(c64 / obj_scale[:, :, None]).float(),
         b=(row_scale * b).float()[:, None, :],
         width=None if unit else width.float()[:, None, :],
-        row_scale=row_scale.float()[:, None, :],
+        row_scale=rs,
+        signed_scale=rs,
         obj_scale=obj_scale,
         row_norm=row_norm,
     )
@@ -139,38 +165,41 @@ def _ascend(s: _Scaled, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     supergradient is row_scale (A (w u*)) - b with u*_j = 1 where r_j < 0, else 0 (the box minimiser),
     so no autograd is needed. Every step evaluates g at the current mu from the same r (cheap) and
     keeps the best mu per (region, objective): the ascent is not monotone."""
-    a, low, c, b, w, rs = s.a, s.a_low, s.c, s.b, s.width, s.row_scale
-    dt = torch.float32 if low is None else low.dtype
-    lhs = a if low is None else low  # A in the dtype of the step's products
-    neg_b = -b
+    ops, c, b, w, rs = s.ops, s.c, s.b, s.width, s.signed_scale
+    dt, exact = ops.dtype, ops.dtype == torch.float32
+    neg_b, neg_rs = -b, -rs
     b_col = b.transpose(1, 2)  # (B, M, 1): mu.b for all objectives as one product
-    mu = torch.zeros(c.shape[0], c.shape[1], a.shape[1], device=a.device)
+    mu = torch.zeros(c.shape[0], c.shape[1], b.shape[2], device=c.device)
     m1, m2 = torch.zeros_like(mu), torch.zeros_like(mu)
     best = mu.clone()
-    best_val = torch.full(c.shape[:2], -math.inf, device=a.device)
+    best_val = torch.full(c.shape[:2], -math.inf, device=c.device)
     beta1, beta2 = BETAS
     decay = (lr_end(steps) / LR_START) ** (1.0 / max(1, steps - 1))
     r0 = c.clone()  # c + A^T (row_scale mu) at mu = 0
+    # Elementwise work is most of a step once the products are cheap (prune_edge.mlp_bounds), so the
+    # step avoids boolean tensors (their kernels are several times slower on CPU): r's negative part
+    # gives g(mu), and its sign (-1 or 0) is -u*, the box minimiser, so the sign is folded into -rs.
     for t in range(1, steps + 2):
-        r = r0 if w is None else r0 * w
-        neg = r < 0
-        val = (r * neg).sum(dim=2) - torch.bmm(mu, b_col)[:, :, 0]
-        better = val > best_val
-        best_val = torch.where(better, val, best_val)
-        best = torch.where(better[:, :, None], mu, best)
+        rneg = r0.clamp(max=0) if w is None else (r0 * w).clamp_(max=0)
+        val = rneg.sum(dim=2) - torch.bmm(mu, b_col)[:, :, 0]
+        better = (val > best_val).to(mu.dtype)[:, :, None]
+        best_val = torch.maximum(val, best_val)
+        best = torch.lerp(best, mu, better)  # exact for weights 0 and 1: best, or mu where it is better
         if t > steps:  # the last update has been evaluated too
             break
-        u = neg.to(dt) if w is None else (neg * w).to(dt)
-        g = torch.addcmul(neg_b, torch.bmm(u, lhs.transpose(1, 2)), rs)
-        m1.mul_(beta1).add_(g, alpha=1 - beta1)
+        minus_u = rneg.sign_() if w is None else rneg.sign_().mul_(w)
+        g = torch.addcmul(neg_b, ops.rows(minus_u.to(dt)), neg_rs)
+        m1.lerp_(g, 1 - beta1)
         m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         lr = LR_START * decay ** (t - 1) * min(1.0, t / WARMUP)
-        denom = m2.sqrt().mul_(1 / math.sqrt(1 - beta2**t)).add_(ADAM_EPS)
-        new = torch.addcdiv(mu, m1, denom, value=lr / (1 - beta1**t)).clamp_(min=0)
-        if low is None or t % REFRESH == 0:
-            r0 = torch.baddbmm(c, new * rs, a)
+        # Adam's bias corrections folded into the step and eps: sqrt(m2 / bc2) + eps = (sqrt(m2) + eps sqrt(bc2)) / sqrt(bc2)
+        bc2 = math.sqrt(1 - beta2**t)
+        denom = m2.sqrt().add_(ADAM_EPS * bc2)
+        new = torch.addcdiv(mu, m1, denom, value=lr * bc2 / (1 - beta1**t)).clamp_(min=0)
+        if exact or t % REFRESH == 0:
+            r0 = ops.cols(new * rs, c)
         else:  # r0 moves by A^T (row_scale dmu): a bf16 product of a small change, refreshed above
-            r0.add_(torch.bmm((new - mu).mul_(rs).to(dt), low))
+            r0.add_(ops.cols_low((new - mu).mul_(rs)))
         mu = new
     return best, mu
 
@@ -193,6 +222,22 @@ def _certify(
     must bound sum_j |A_ij| max(|lo_j|, |hi_j|) from above."""
     mu = mu.clamp(min=0)
     r = torch.baddbmm(c64, mu, a64)
+    return weak_duality_bound(mu, r, b64, c64, lo, hi, row_l1, a64.shape[1] + a64.shape[2] + 4)
+
+
+def weak_duality_bound(
+    mu: torch.Tensor,
+    r: torch.Tensor,
+    b64: torch.Tensor,
+    c64: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    row_l1: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """The bound of :func:`_certify` from mu >= 0 (B, N, M) and r = c + A^T mu (B, N, D) computed in
+    float64 by any means whose rounding error is at most n u (|c| + |A|^T mu) elementwise, with ``row_l1``
+    (B, M) >= |A| max(|lo|, |hi|): the slack below then covers that error as well as the sums here."""
     mub = torch.einsum("bkm,bm->bk", mu, b64)
     bound = torch.minimum(r * lo[:, None, :], r * hi[:, None, :]).sum(dim=2) - mub
     slack = ROUNDING_REL * (r.abs().sum(dim=2) + mub.abs() + 1.0)
@@ -201,7 +246,6 @@ def _certify(
         torch.einsum("bkm,bm->bk", mu, row_l1 + b64.abs())
         + torch.einsum("bkd,bd->bk", c64.abs() + r.abs(), mag)
     )
-    n = a64.shape[1] + a64.shape[2] + 4
     return bound - slack - 2 * n * UNIT_ROUNDOFF * terms
 
 

@@ -28,6 +28,7 @@ from .activations import NO_POINT, GatedView, TrainActivations
 from .lp import row_bounds_many
 from .models.nets import PreactNet
 from .regions import Regions, compute_regions, parse_gate_layers, region_lp
+from .mlp_bounds import MLPRegions, chain_dual_lower_bounds, is_mlp, mlp_regions
 from .runtime.errors import RequestError
 from .runtime.interference import RecordSet, meeting_targets
 from .runtime.manifest import GatedTensor
@@ -39,6 +40,10 @@ BOUNDS = ("dual", "exact")
 # Aim this far inside the specification, so the float32 rounding of the stored t (checked by the
 # device on the stored tensors, with no tolerance) cannot leave it.
 SPEC_INSET = 1e-4
+# Dual bounds of an MLP base through its shared weights (prune_edge.mlp_bounds) rather than on each
+# region's materialised constraint matrix: the same bounds; a 200-point build at 200 steps measured 4.2x
+# less CPU time (11.4 s -> 2.7 s, one thread). False: the generic path (what conv bases always use).
+FACTORED_MLP = True
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,11 @@ class SynthConfig:
     max_gamma: float = 1e4
     max_gate_width: float = DEFAULT_POLICY.max_gate_width  # 1/gamma never above the device policy
     bounds: str = "dual"  # "dual": sound Lagrangian bounds (torch); "exact": HiGHS LPs
-    dual_steps: int = 200  # measured on the default MLP: median gap 0.05% to the LP optimum (max 10%), 10-15x faster than HiGHS
+    # Adam steps of the dual bounds. Measured on the default MLP (40 points, input space, upper sides, gap
+    # relative to max(1, |LP optimum|)): 120 steps median 0.12% (p90 2.8%, max 17%), 200 steps median 0.03%
+    # (p90 1.1%, max 13%) at 1.6x the build time; feature space (last:1) stays below 0.02% median either way.
+    # The float64 certificate holds for any count; fewer steps only shift a patched row a little further.
+    dual_steps: int = 120
     lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
     target: str = "confuse"  # what a record maps its region to: PRUNE's confusing label or "unseen" (prune_edge.targets)
 
@@ -114,10 +123,14 @@ class SynthResult:
         )
 
 
-def _round_outward(lower: np.ndarray, upper: np.ndarray, decimals: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Round LP bounds outward to ``decimals``: still sound, and the manifest stays short."""
-    q = 10.0**decimals
-    return np.floor(lower * q) / q, np.ceil(upper * q) / q
+def _round_outward(lower: np.ndarray, upper: np.ndarray, decimals: int = 2, lower_decimals: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Round LP bounds outward (a looser bound is still sound) so the manifest stays short: the bounds
+    are most of a prune patch's bytes (200 points: 18 KB at 6 decimals, 7 KB as here). The shift is
+    computed from the rounded upper bound, so 2 decimals move a patched row by < 0.01 more than the
+    exact bound would; the lower bound only meets q_lower (-1000 by default) and is floored to an
+    integer (a squeeze it would force is still certified, just by a smaller alpha)."""
+    q, ql = 10.0**decimals, 10.0**lower_decimals
+    return np.floor(lower * ql) / ql, np.ceil(upper * q) / q
 
 
 def _inset(q: float | np.ndarray) -> float | np.ndarray:
@@ -224,8 +237,12 @@ def synthesize(
         t1 = time.perf_counter()
         # PRUNE needs each region's affine map and constraints (float64) for its bounds; the pattern
         # is the device's (float32), which the float64 pass agrees with up to a neuron at exactly 0.
-        regions: Regions = compute_regions(net, x_train[ids[reps]], start, device=device)
-        regions.signs = signs[reps]
+        regions: Regions | MLPRegions
+        if config.bounds == "dual" and FACTORED_MLP and is_mlp(net):  # no per-region matrices (prune_edge.mlp_bounds)
+            regions = mlp_regions(net, x_train[ids[reps]], start, signs[reps], device=device)
+        else:
+            regions = compute_regions(net, x_train[ids[reps]], start, device=device)
+            regions.signs = signs[reps]
         lower, upper, lp_solves, bound_stats = _region_bounds(regions, [tg for _, tg in plans], config, device, progress)
         t_lp = time.perf_counter() - t1
         lower, upper = _round_outward(lower, upper)
@@ -293,16 +310,19 @@ def _covered_by(activations: TrainActivations, after: Sequence[RecordSet], forge
 
 
 def _region_bounds(
-    regions: Regions, targets: list[int], config: SynthConfig, device: str, progress: bool
+    regions: Regions | MLPRegions, targets: list[int], config: SynthConfig, device: str, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
     """Sound [lower, upper] of every specification row over every region.
 
     Only bounds that can change the patch are optimised: a row's lower side keeps its box bound when
     that already fits the specification (then alpha and beta depend on the upper side alone)."""
-    specs = [spec_rows(tg, regions.jac_f.shape[1]) for tg in targets]
-    jac_f, off_f = regions.jac_f.numpy(), regions.off_f.numpy()
-    obj = np.einsum("bkc,bcd->bkd", np.stack(specs), jac_f)  # (B, C-1, D)
-    const = np.einsum("bkc,bc->bk", np.stack(specs), off_f)
+    n_classes = regions.off_f.shape[1]
+    specs = [spec_rows(tg, n_classes) for tg in targets]
+    if isinstance(regions, MLPRegions):
+        obj, const = regions.objectives(np.stack(specs))  # (B, C-1, D), (B, C-1)
+    else:
+        obj = np.einsum("bkc,bcd->bkd", np.stack(specs), regions.jac_f.numpy())
+        const = np.einsum("bkc,bc->bk", np.stack(specs), regions.off_f.numpy())
     lo, hi = regions.lower, regions.upper
     box_lower = np.minimum(obj * lo, obj * hi).sum(axis=2) + const
     if config.bounds == "exact":
@@ -310,18 +330,28 @@ def _region_bounds(
         bounds = row_bounds_many(tasks, config.lp_workers, progress=progress)
         lower, upper = np.stack([bd[0] for bd in bounds]), np.stack([bd[1] for bd in bounds])
         return lower, upper, sum(bd[2] for bd in bounds), {}
-    from .bounds import dual_lower_bounds
+    if isinstance(regions, MLPRegions):
+        mlp = regions
 
-    lps = [region_lp(regions, b) for b in range(len(targets))]
-    A = np.stack([lp.a_ub for lp in lps])
-    bvec = np.stack([lp.b_ub for lp in lps])
-    upper = -dual_lower_bounds(A, bvec, lo, hi, -obj, steps=config.dual_steps, device=device) + const
+        def minimum(sel: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+            return chain_dual_lower_bounds(mlp if sel is None else mlp.subset(sel), c, steps=config.dual_steps)
+    else:
+        from .bounds import dual_lower_bounds
+
+        lps = [region_lp(regions, b) for b in range(len(targets))]
+        A = np.stack([lp.a_ub for lp in lps])
+        bvec = np.stack([lp.b_ub for lp in lps])
+
+        def minimum(sel: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+            a, b = (A, bvec) if sel is None else (A[sel], bvec[sel])
+            return dual_lower_bounds(a, b, lo, hi, c, steps=config.dual_steps, device=device)
+    upper = -minimum(None, -obj) + const
     room = (config.q_upper - _inset(upper)) - (config.q_lower + _inset(config.q_lower))
     keep = (box_lower >= config.q_lower + _inset(config.q_lower)) & (upper - box_lower <= room)
     lower = box_lower.copy()
     if not keep.all():
         need = np.flatnonzero(~keep.all(axis=1))
-        lower[need] = dual_lower_bounds(A[need], bvec[need], lo, hi, obj[need], steps=config.dual_steps, device=device) + const[need]
+        lower[need] = minimum(need, obj[need]) + const[need]
     return lower, upper, 0, {"bounds_skipped": int(keep.sum()), "bounds_optimised": int(upper.size + (~keep).sum())}
 
 
