@@ -31,7 +31,7 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
     """One patch holding every record of ``patches`` (a verified chain, in device order).
 
     Refuses, naming the field, patches that cannot share one file: another base, gated tensors, gate
-    step, mode or specification. The request sums the point counts and keeps every id commitment."""
+    step, mode or specification. The request sums the point counts and keeps every request's id root."""
     if len(patches) < 2:
         raise RequestError(f"compact: expected at least two patches, found {len(patches)}")
     ms = [vp.manifest for vp in patches]
@@ -49,13 +49,14 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
         signs=np.concatenate([p.signs for p in ps]), gamma=np.concatenate([p.gamma for p in ps]),
         T=np.concatenate([p.T for p in ps]), t=np.concatenate([p.t for p in ps]), scale_log2=ps[0].scale_log2,
     )
-    certs = [RecordCert(r.target, r.gamma, r.alpha, r.beta, r.mean_scale, r.mean_shift, r.lower, r.upper, r.points)
+    certs = [RecordCert(r.target, r.gamma, r.alpha, r.mean_scale, r.lower, r.upper, r.points)
              for m in ms for r in m.records]
     kinds = {m.request.get("kind", "points") for m in ms}
     request: dict[str, Any] = {
         "kind": kinds.pop() if len(kinds) == 1 else "points",
         "n_points": sum(int(m.request.get("n_points", 0)) for m in ms),
-        "id_commitments": sorted(c for m in ms for c in m.request.get("id_commitments", [])),
+        # one root per merged request, in chain order (each opens with its own ledger record's salt)
+        "id_roots": [r for m in ms for r in m.request.get("id_roots", [])],
     }
     classes = sorted({c for m in ms for c in m.request.get("classes", [])})
     if classes and request["kind"] == "class":
@@ -71,7 +72,8 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
         "replaces": replaced,
     }
     chain["after"] = list(dict.fromkeys(chain["after"]))
-    return build_patch(ref, params, certs, mode, q_lower, q_upper, request, chain)
+    # t as the chain stored it: the merged patch computes exactly what the chain did
+    return build_patch(ref, params, certs, mode, q_lower, q_upper, request, chain, round_t=False)
 
 
 def _chain_of(ms: Sequence[Manifest]) -> dict[str, Any]:
@@ -87,6 +89,14 @@ def _compact_suppressions(patches: Sequence[VerifiedPatch], ref: BaseRef, q_lowe
     ms = [vp.manifest for vp in patches]
     classes = sorted({int(k) for m in ms for k in m.suppress["classes"]})
     request = {"kind": "class", "n_points": sum(int(m.request.get("n_points", 0)) for m in ms),
-               "id_commitments": sorted(c for m in ms for c in m.request.get("id_commitments", [])),
+               "id_roots": [r for m in ms for r in m.request.get("id_roots", [])],
                "classes": classes, "strategy": "suppress"}
-    return build_suppression_patch(ref, classes, margin, ms[0].gate_step_log2, q_lower, q_upper, request, _chain_of(ms))
+    affine = None
+    if any(vp.suppress.affine for vp in patches):  # affine margins stack as rows: one row per class
+        if sum(len(m.suppress["classes"]) for m in ms) != len(classes):
+            raise RequestError(f"compact: affine suppressions expected disjoint classes, found {[m.suppress['classes'] for m in ms]}")
+        rows = {int(k): (sp.weights[i] if sp.affine else np.zeros(ref.n_classes, np.float32), sp.bias[i] if sp.affine else 0.0)
+                for sp in (vp.suppress for vp in patches) for i, k in enumerate(sp.classes.tolist())}
+        affine = (np.stack([rows[k][0] for k in classes]), np.array([rows[k][1] for k in classes], np.float32))
+    return build_suppression_patch(ref, classes, margin, ms[0].gate_step_log2, q_lower, q_upper, request, _chain_of(ms),
+                                   affine)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -18,8 +17,19 @@ import numpy as np
 
 from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
 from ..runtime.manifest import GatedTensor, Manifest, Record, derive_patch_id
+from ..runtime.merkle import commit_ids, ids_root  # noqa: F401  (commit_ids: re-exported for callers)
 from ..runtime.patchfile import pack
 from ..runtime.patchgraph import SUPPRESS_FORM, PatchParams, SuppressParams, build_patch_graph, build_suppress_graph, form_of
+from ..runtime.verify import patched_rows
+
+# The t table is stored on the coarsest power-of-two grid, from 2^T_GRID_LOG2 down to 2^-20, on which
+# the record's certificate still holds (checked exactly as a device does): float32 values with short
+# mantissas compress (200-point prune patch: 7.5 -> 6.2 KB). Rounded so every row P t only decreases
+# (target up, others down): the target wins by a little more, never less. 2^-12 moves a patched logit
+# by < 2.5e-4: an `--target unseen` constant stays within 1e-3 of its calibration (2^-6 would save
+# another 1.4 KB but moved those logits by up to 0.02, measured).
+T_GRID_LOG2 = -12
+_T_GRID_FINEST = -20
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,7 @@ class RecordCert:
     target: int
     gamma: float
     alpha: Sequence[float]
-    beta: Sequence[float]
     mean_scale: float
-    mean_shift: float
     lower: Sequence[float] | None
     upper: Sequence[float] | None
     points: int
@@ -56,10 +64,44 @@ def _created() -> str:
     return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def commit_ids(ids: Sequence[int], salt: bytes) -> list[str]:
-    """Salted commitments to the forgotten ids, sorted so the order leaks nothing. The salt stays on
-    the server (see :func:`build_patch`), so a device cannot test guesses of small integer ids."""
-    return sorted(hashlib.sha256(salt + str(int(i)).encode()).hexdigest() for i in ids)
+def points_request(ids: Sequence[int], salt: bytes, **extra: Any) -> dict[str, Any]:
+    """A point request's manifest summary: its size and the Merkle root of its salted id commitments
+    (:mod:`..runtime.merkle`). The salt stays on the server, so a device cannot test guesses of small
+    integer ids; a data holder given the salt and an audit path can check their own id."""
+    return {"kind": "points", "n_points": int(len(ids)), "id_roots": [ids_root(ids, salt)], **extra}
+
+
+def round_t_table(t: np.ndarray, certs: Sequence[RecordCert | Record], mode: str, q_lower: float, q_upper: float) -> np.ndarray:
+    """``t`` (P, C) with each record's row on the coarsest grid 2^e (e = T_GRID_LOG2 .. -20) whose
+    patched rows still lie in [q_lower, q_upper] under the device's own computation (verify.patched_rows);
+    a record no grid keeps certified keeps its float32 t. Deterministic."""
+    t = np.asarray(t, np.float32)
+    p, c = t.shape
+    if not p:
+        return t
+    targets = np.array([r.target for r in certs], np.int64)
+    alpha = np.array([r.alpha for r in certs], np.float64).reshape(p, c - 1)
+    lower = upper = None
+    if mode == "prune":
+        lower = np.array([r.lower for r in certs], np.float64).reshape(p, c - 1)
+        upper = np.array([r.upper for r in certs], np.float64).reshape(p, c - 1)
+    up = np.zeros((p, c), bool)
+    up[np.arange(p), targets] = True  # the target's entry rounds up, every other entry down
+    out = t.copy()
+    todo = np.ones(p, bool)
+    t64 = t.astype(np.float64)
+    for e in range(T_GRID_LOG2, _T_GRID_FINEST - 1, -2):
+        g = 2.0**e
+        cand = np.where(up, np.ceil(t64 / g), np.floor(t64 / g)) * g
+        cand32 = cand.astype(np.float32)
+        exact = cand32.astype(np.float64) == cand  # on the grid in float32 too (|t| < 2^24 g)
+        lo, hi = patched_rows(mode, targets, alpha, lower, upper, cand32)
+        ok = todo & exact.all(axis=1) & (hi <= q_upper).all(axis=1) & (lo >= q_lower).all(axis=1)
+        out[ok] = cand32[ok]
+        todo &= ~ok
+        if not todo.any():
+            break
+    return out
 
 
 def build_patch(
@@ -71,10 +113,13 @@ def build_patch(
     q_upper: float,
     request: dict[str, Any],
     chain: dict[str, Any] | None = None,
+    round_t: bool = True,
 ) -> tuple[Manifest, bytes]:
     """Return (manifest, patch-file bytes) for these records. Deterministic apart from ``created``.
 
-    The patch id is derived from the content (:func:`derive_patch_id`), after the graph digest is in."""
+    ``round_t``: store t on a coarse grid (:func:`round_t_table`); off where records are copied whose
+    t is already what devices run (``compact``). The patch id is derived from the content
+    (:func:`derive_patch_id`), after the graph digest is in."""
 
     def rows(values: list[Sequence[float] | None]) -> list[tuple[float, ...] | None]:
         # One float64 conversion per field for all records, not one per record and field.
@@ -82,22 +127,22 @@ def build_patch(
             return [None if v is None else tuple(np.asarray(v, dtype=np.float64).tolist()) for v in values]
         return [tuple(r) for r in np.asarray(values, dtype=np.float64).reshape(len(values), -1).tolist()]
 
-    alpha, beta, lower, upper = (rows([getattr(c, k) for c in certs]) for k in ("alpha", "beta", "lower", "upper"))
+    alpha, lower, upper = (rows([getattr(c, k) for c in certs]) for k in ("alpha", "lower", "upper"))
     gammas = np.asarray([c.gamma for c in certs], dtype=np.float32).astype(np.float64).tolist()
     records = tuple(
         Record(
             target=int(c.target),
             gamma=gammas[k],
             alpha=alpha[k],
-            beta=beta[k],
             mean_scale=float(c.mean_scale),
-            mean_shift=float(c.mean_shift),
             lower=lower[k],
             upper=upper[k],
             points=int(c.points),
         )
         for k, c in enumerate(certs)
     )
+    if round_t:
+        params = dataclasses.replace(params, t=round_t_table(params.t, records, mode, q_lower, q_upper))
     form = form_of(params)
     graph = build_patch_graph(base.gated, base.logits_name, params, base.opset, base.ir_version, form)
     graph_bytes = graph.SerializeToString()
@@ -124,14 +169,21 @@ def build_suppression_patch(
     q_upper: float,
     request: dict[str, Any],
     chain: dict[str, Any] | None = None,
+    affine: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Manifest, bytes]:
     """Return (manifest, patch-file bytes) of a class suppression: no records, no gated tensors, the
     canonical suppression graph of ``classes`` at ``margin`` (see :mod:`..runtime.patchgraph`).
     ``gate_step_log2`` is the base card's (a device checks it on every patch); the specification is
-    carried as for any patch and bounds nothing here."""
+    carried as for any patch and bounds nothing here. ``affine``: (weights (S, C), bias (S,)) per class
+    of the sorted ``classes``, a margin max(margin, w . f + b) that follows the input."""
+    order = np.argsort(np.asarray(classes, np.int64), kind="stable")
     classes = sorted(int(k) for k in classes)
     margin = float(np.float32(margin))  # the value the graph stores, exactly
-    params = SuppressParams(np.array(classes, np.int64), np.full(len(classes), margin, np.float32))
+    weights = bias = None
+    if affine is not None:  # float32: the values the graph stores, exactly (the manifest repeats them)
+        weights = np.asarray(affine[0], np.float32).reshape(len(classes), -1)[order]
+        bias = np.asarray(affine[1], np.float32).reshape(-1)[order]
+    params = SuppressParams(np.array(classes, np.int64), np.full(len(classes), margin, np.float32), weights, bias)
     graph = build_suppress_graph(base.logits_name, params, base.n_classes, base.opset, base.ir_version)
     graph_bytes = graph.SerializeToString()
     draft = Manifest(
@@ -140,7 +192,9 @@ def build_suppression_patch(
         gated=(), graph_sha256=sha256_bytes(graph_bytes), graph_bytes=len(graph_bytes), q_lower=float(q_lower),
         q_upper=float(q_upper), records=(), gate_step_log2=int(gate_step_log2), request=dict(request),
         chain=dict(chain or {"position": 0, "after": [], "replaces": []}),
-        suppress={"classes": classes, "margin": margin},
+        suppress={"classes": classes, "margin": margin} if affine is None else {
+            "classes": classes, "margin": margin,
+            "affine": {"weights": [[float(v) for v in row] for row in weights], "bias": [float(v) for v in bias]}},
     )
     manifest = dataclasses.replace(draft, patch_id=derive_patch_id(draft.to_json()))
     return manifest, pack(manifest, graph_bytes)

@@ -227,7 +227,9 @@ def _card_table(card: dict) -> str:
               help="Server-side folder recording the request (ids + salt). Default: BASE/ledger. Never ship it.")
 @click.option("--target", "target", type=click.Choice(["confuse", "unseen"]), default="confuse", show_default=True,
               help="confuse: PRUNE's random wrong label; unseen: the calibrated output of models that never saw the "
-                   "points (collapse-form records; implies --mode collapse; see prune_edge.targets).")
+                   "points (collapse-form records; implies --mode collapse; see prune_edge.targets). For a class "
+                   "suppression, unseen fits a margin that follows the input, max(--margin, w . logits + b), on the "
+                   "class's training points (prune_edge.targets.affine_suppression_margin).")
 @click.option("--margin-rule", "margin_rule", type=click.Choice(["match", "median"]), default=None,
               help="suppress: the margin from the base's calibration (models trained without the class; no test "
                    "point) instead of --margin, for a suppression run after the class's --target unseen records "
@@ -250,6 +252,8 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, bud
                                f"{'--strategy ' + strategy if forget_classes else '--forget IDS.txt'}")
     if margin_rule and click.get_current_context().get_parameter_source("margin").name != "DEFAULT":
         raise click.UsageError("--margin-rule: expected no --margin (the rule computes the margin)")
+    if margin_rule and target == "unseen":
+        raise click.UsageError("--margin-rule: expected no --target unseen (its margin is fitted per input; --margin is its floor)")
     _require(forget_path, "a forget file of training-split ids")
     for p in after:
         _require(p, "a patch file (.pepatch) for --after")
@@ -265,7 +269,12 @@ def build_patch_cmd(base_dir, forget_path, forget_classes, strategy, margin, bud
             from .targets import calibrated_suppression_margin
 
             margin = calibrated_suppression_margin(bundle, forget_classes, margin_rule, progress=not as_json)
-        report = build_class_suppression(bundle, forget_classes, out, margin=margin, after=after, ledger=ledger)
+        affine = None
+        if target == "unseen":  # the margin a model without the class leaves, per input (cached calibration)
+            from .targets import affine_suppression_margin
+
+            affine = affine_suppression_margin(bundle, forget_classes, progress=not as_json)
+        report = build_class_suppression(bundle, forget_classes, out, margin=margin, after=after, ledger=ledger, affine=affine)
         _emit_json(report) if as_json else click.echo(_table(suppress_table_rows(report)))
         return
     if forget_classes:
@@ -531,6 +540,10 @@ def inspect(patch: str, as_json: bool) -> None:
     ]
     if m.suppress is not None:
         rows.append(("suppresses", f"classes {m.suppress['classes']}, margin {m.suppress['margin']:g}"))
+        if "affine" in m.suppress:
+            aff = m.suppress["affine"]
+            rows.append(("affine margin", f"max({m.suppress['margin']:g}, w . logits + b): bias {[round(b, 4) for b in aff['bias']]}, "
+                                          f"max |w| {max(abs(v) for r in aff['weights'] for v in r):.4g}"))
     click.echo(_table([(k, _safe(v)) for k, v in rows]))
 
 

@@ -1,8 +1,9 @@
 """The server's record of deletion requests: which training ids each patch forgets, and the salt.
 
-A patch file carries only salted commitments of the ids it forgets (see ``exporters.patch_export``);
-the ids themselves and the salt that opens the commitments are what a data holder's request and an
-auditor need, and what must never reach a device. They live here, in a ledger folder on the server
+A patch file carries only the Merkle root of the salted commitments of the ids it forgets (see
+``runtime.merkle``); the ids themselves and the salt that opens the commitments are what a data
+holder's request and an auditor need, and what must never reach a device. :func:`id_proof` gives one
+data holder what proves their id is in a patch (their salt and audit path), and no other id. They live here, in a ledger folder on the server
 (default: ``ledger/`` inside the base folder), one JSON file per patch, readable by the server's
 operator only (folder 0700, files 0600, whatever the umask). Nothing in the ledger is written beside
 a patch file, so shipping a folder of patches cannot ship the requests with it.
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 
 from .runtime.errors import RequestError
 from .runtime.fileio import PathLike, atomic_write_bytes
+from .runtime.merkle import ids_root, inclusion_proof
 
 LEDGER_DIRNAME = "ledger"
 ENTRY_SUFFIX = ".request.json"
@@ -85,3 +87,17 @@ def forgotten_ids(ledger: PathLike) -> dict[int, str]:
         for i in doc.get("ids", []):
             out.setdefault(int(i), doc["patch_id"])
     return out
+
+
+def id_proof(ledger: PathLike, patch_id: str, i: int) -> dict[str, Any]:
+    """An inclusion proof that training id ``i`` is among the ids patch ``patch_id`` forgets: the id,
+    the request's salt, the root the manifest carries and the audit path (``runtime.merkle.verify_id``
+    checks it). It reveals the salt of that request, so it goes to the data holder of ``i`` only.
+    Raises ``RequestError`` naming the patch if the id is not in its request."""
+    doc = lookup(ledger, patch_id)
+    ids = [int(x) for x in doc.get("ids", [])]
+    if "id_salt" not in doc or int(i) not in ids:
+        raise RequestError(f"ledger record {patch_id}: expected id {i} among its {len(ids)} point ids, found it absent")
+    salt = bytes.fromhex(doc["id_salt"])
+    return {"patch_id": patch_id, "id": int(i), "salt": doc["id_salt"], "root": ids_root(ids, salt),
+            **inclusion_proof(ids, salt, int(i))}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .runtime.fileio import PathLike
 from .runtime.patchfile import unpack
 from .runtime.verify import check_patch_set, verify_patch
 from .synth import SynthConfig
+
+if TYPE_CHECKING:
+    from .targets import AffineMargin
 
 CLASS_STRATEGIES = ("suppress", "points", "representatives")
 # Measured side by side in `prune-edge bench` (class rows): only suppression reaches the class's unseen
@@ -45,9 +48,13 @@ def build_class_suppression(
     after: Sequence[PathLike] = (),
     ledger: PathLike | None = None,
     evaluate: bool = True,
+    affine: "AffineMargin | None" = None,
 ) -> dict[str, Any]:
     """Build, self-verify (alone and with ``after``, the patches devices already run) and write a
-    suppression patch for ``classes``; the class's training ids go to the server's ledger only."""
+    suppression patch for ``classes``; the class's training ids go to the server's ledger only.
+    ``affine`` (``--target unseen``, :func:`.targets.affine_suppression_margin`): the margin follows the
+    input, ``max(margin, w_K . f + b_K)``, so unseen images of the class get the spread of losses a
+    model that never saw it gives, not one constant (``margin`` is then the floor)."""
     t0 = time.perf_counter()
     ds = bundle.dataset
     classes = sorted({int(k) for k in classes})
@@ -62,14 +69,17 @@ def build_class_suppression(
     ref = BaseRef(o["sha256"], o["opset"], o["ir_version"], o["logits"], bundle.card["n_classes"], ())
     spec = SynthConfig()
     # a class request's ids are the class itself: the manifest names the classes, not id commitments
-    request = {"kind": "class", "n_points": int(len(ids)), "id_commitments": [], "classes": classes, "strategy": "suppress"}
+    request = {"kind": "class", "n_points": int(len(ids)), "id_roots": [], "classes": classes, "strategy": "suppress"}
     chain = {
         "position": 1 + max((vp.manifest.chain["position"] for vp in earlier), default=-1),
         "after": [vp.manifest.patch_id for vp in earlier],
         "replaces": [],
     }
+    if affine is not None and affine.classes != classes:
+        raise RequestError(f"affine margin: expected one fitted for classes {classes}, found {affine.classes}")
     manifest, data = build_suppression_patch(ref, classes, margin, bundle.graph.card.gate_step_log2, spec.q_lower,
-                                             spec.q_upper, request, chain)
+                                             spec.q_upper, request, chain,
+                                             None if affine is None else (affine.weights, affine.bias))
     new = verify_patch(unpack(data, source=Path(out).name), bundle.graph)
     check_patch_set([*earlier, new])  # refuses a chain whose records target a suppressed class
     build_seconds = time.perf_counter() - t0
@@ -84,6 +94,8 @@ def build_class_suppression(
         "base_bytes": bundle.onnx_path.stat().st_size,
         "base_training_seconds": bundle.card["training"]["training_seconds"],
     }
+    if affine is not None:
+        report["affine_margin"] = affine.summary()
     report["patch_to_base"] = report["patch_bytes"] / report["base_bytes"]
     if evaluate:
         ev = evaluate_patch(bundle.onnx_path, [*after, out], ds.x_train, ds.y_train, ds.x_test, ds.y_test, ids)
@@ -112,6 +124,10 @@ def suppress_table_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     per = r["class_test_accuracy"]
     rows = [("classes / training points", f"{r['classes']} / {r['points']}"),
             ("strategy", f"suppress (margin {r['margin']:g}; no records, no LP)")]
+    if r.get("affine_margin"):
+        a = r["affine_margin"]
+        rows.append(("affine margin", f"max({r['margin']:g}, w . logits + b), fitted on {a['points']} training points "
+                                      f"(R^2 {a['r2']}, bias {[round(b, 3) for b in a['bias']]}, max |w| {a['max_abs_weight']:.3g})"))
     rows += [(f"{k} accuracy", f"{pct(v['before'])} -> {pct(v['after'])}") for k, v in acc.items()]
     rows += [(f"test accuracy on class {c}", f"{pct(per['before'][c])} -> {pct(per['after'][c])}") for c in sorted(per["after"])]
     rows += [("build seconds", f"{r['build_seconds']:.3f}"),

@@ -395,3 +395,61 @@ def calibrated_suppression_margin(bundle: Any, classes: Sequence[int], rule: str
     point = load_or_build_calibration(bundle, progress=progress).logits
     cal = load_or_build_class_calibration(bundle, classes, progress=progress)
     return class_suppression_margin(cal.logits, point[cal.ids], bundle.dataset.y_train[cal.ids], classes, rule)
+
+
+# ----------------------------------------------------------------------------- affine suppression margin
+@dataclass
+class AffineMargin:
+    """m_K(x) = max(floor, w_K . f(x) + b_K) per suppressed class (runtime.patchgraph's affine form)."""
+
+    classes: list[int]
+    weights: np.ndarray  # (S, C) float32
+    bias: np.ndarray  # (S,) float32
+    r2: list[float]  # per class, of the fit on its training points
+    points: int  # training points fitted on (all classes)
+    clipped: int  # weights or biases clipped to the device policy's caps
+
+    def summary(self) -> dict[str, Any]:
+        return {"classes": self.classes, "r2": [round(r, 4) for r in self.r2], "points": self.points, "clipped": self.clipped,
+                "max_abs_weight": float(np.abs(self.weights).max()), "bias": [float(b) for b in self.bias]}
+
+
+def fit_affine_suppression(base_logits: np.ndarray, without_logits: np.ndarray, y: np.ndarray, classes: Sequence[int],
+                           max_abs_w: float, max_abs_b: float) -> AffineMargin:
+    """Least squares, per class K of ``classes``, of the gap the models trained without the classes give
+    the class's training points (best class outside ``classes`` minus K's logit: the margin a retrain
+    leaves them) on the base's logits at those points, plus a bias. Training points only: a test image
+    is never fitted on. Deterministic (one lstsq; no randomness). Weights and bias are clipped to the
+    device policy's caps (verify refuses more), which a sane fit never reaches."""
+    cls = sorted(int(c) for c in classes)
+    f = np.asarray(base_logits, np.float64)
+    g = np.asarray(without_logits, np.float64)
+    y = np.asarray(y)
+    rest = np.delete(g, cls, axis=1).max(axis=1)
+    weights, bias, r2, clipped = [], [], [], 0
+    for k in cls:
+        sel = y == k
+        target = rest[sel] - g[sel, k]
+        x = np.c_[np.ones(int(sel.sum())), f[sel]]
+        coef, *_ = np.linalg.lstsq(x, target, rcond=None)
+        res = target - x @ coef
+        r2.append(float(1 - res.var() / target.var()) if target.var() > 0 else 0.0)
+        w, b = np.clip(coef[1:], -max_abs_w, max_abs_w), float(np.clip(coef[0], -max_abs_b, max_abs_b))
+        clipped += int((w != coef[1:]).sum()) + int(b != coef[0])
+        weights.append(w)
+        bias.append(b)
+    return AffineMargin(cls, np.array(weights, np.float32), np.array(bias, np.float32), r2, int(np.isin(y, cls).sum()), clipped)
+
+
+def affine_suppression_margin(bundle: Any, classes: Sequence[int], progress: bool = True) -> AffineMargin:
+    """The affine margin :func:`fit_affine_suppression` gives for ``classes`` on this base: targets from the
+    cached class calibration (models trained without the classes, built on first use), features the
+    base's own ONNX logits on the classes' training points (what the device's suppression reads when no
+    record patch runs before it). No test point is read."""
+    from .runtime.model import PatchedModel
+    from .runtime.policy import DEFAULT_POLICY
+
+    cal = load_or_build_class_calibration(bundle, classes, progress=progress)
+    ds = bundle.dataset
+    base = PatchedModel(bundle.onnx_path, base=bundle.graph).logits(ds.x_train[cal.ids])
+    return fit_affine_suppression(base, cal.logits, ds.y_train[cal.ids], classes, DEFAULT_POLICY.max_abs_T, DEFAULT_POLICY.max_abs_t)

@@ -11,7 +11,7 @@ import numpy as np
 from .basedir import BaseBundle
 from .evaluate import evaluate_patch
 from .ledger import default_ledger, record_request
-from .exporters.patch_export import BaseRef, RecordCert, build_patch, commit_ids, new_salt, write_patch
+from .exporters.patch_export import BaseRef, RecordCert, build_patch, new_salt, points_request, write_patch
 from .runtime.fileio import PathLike
 from .runtime.manifest import GatedTensor
 from .runtime.patchfile import unpack
@@ -29,7 +29,7 @@ def base_ref(bundle: BaseBundle, start: int) -> BaseRef:
 
 def certs_of(result: SynthResult) -> list[RecordCert]:
     return [
-        RecordCert(r.target, r.gamma, r.alpha, r.beta, r.mean_scale, r.mean_shift, r.lower, r.upper, len(r.members))
+        RecordCert(r.target, r.gamma, r.alpha, r.mean_scale, r.lower, r.upper, len(r.members))
         for r in result.records
     ]
 
@@ -74,8 +74,9 @@ def build_point_patch(
                         calibration=calibration)
     salt = new_salt()
     t0 = time.perf_counter()
-    request = {"kind": "points", "n_points": int(len(forget_ids)), "id_commitments": commit_ids(forget_ids, salt),
-               **(request or {})}
+    request = points_request(forget_ids, salt, **(request or {}))
+    if request["kind"] == "class":  # the manifest names the classes; a class's ids are no secret to commit to
+        request["id_roots"] = []
     chain = {
         "position": 1 + max((vp.manifest.chain["position"] for vp in earlier), default=-1),
         "after": [vp.manifest.patch_id for vp in earlier],

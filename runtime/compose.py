@@ -2,9 +2,9 @@
 
 The base graph is copied, never edited in place. Every record of every patch joins one gated
 correction (:mod:`.patchgraph`): records that gate on the same base tensors share one integer
-product, all of them compete in one TopK, and the most-open record alone corrects the base logits.
-So a device pays per record, not per patch file, and a long chain of patches runs as one batched
-patch. Suppression patches (mode ``suppress``) are applied after that correction, merged into one
+product, all of them compete in one (two-stage) argmax, and the most-open record alone corrects the
+base logits. So a device pays per record, not per patch file, and a long chain of patches runs as
+one batched patch. Suppression patches (mode ``suppress``) are applied after that correction, merged into one
 suppression (:func:`.patchgraph.merge_suppressions`): ``gated correction -> suppression -> logits``.
 The runtime builds this graph from the verified parameters (the very numbers whose canonical
 graphs passed the structure check), so it is as canonical as each patch.
@@ -110,11 +110,13 @@ def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], log
         corrected = prefix + "gated_logits" if suppressions else logits
         T, t = np.concatenate(Ts), np.concatenate(ts)
         nodes, inits, pre = gate_nodes(prefix, groups)
-        more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), corrected)
+        opset = patches[0].manifest.base_opset  # the base's (check_binding)
+        more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), corrected, opset)
         nodes, inits = nodes + more_nodes, inits + more_inits
     if suppressions:  # after the gated correction: no record targets a suppressed class (verify)
         n_classes = patches[0].manifest.n_classes
-        s_nodes, s_inits = suppress_nodes(prefix + "s_", corrected, merge_suppressions(suppressions), n_classes, logits)
+        s_nodes, s_inits = suppress_nodes(prefix + "s_", corrected, merge_suppressions(suppressions), n_classes, logits,
+                                        repeats=True)
         nodes, inits = nodes + s_nodes, inits + s_inits
     rest = list(graph.node[at + 1 :])
     del graph.node[at + 1 :]

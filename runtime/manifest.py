@@ -20,9 +20,11 @@ from typing import Any, Mapping
 from .errors import PatchFormatError
 
 FORMAT_NAME = "prune-edge-patch"
+# 4: one Merkle root of salted id commitments per request (runtime.merkle), no beta / mean shift in
+#    records (the device reads the shift from the graph's t), bit-packed signs in the graph;
 # 3: exact-pattern gates, one record acts per input, gate step and chain in the manifest, patch id =
 #    hash of the content; 2: int8 gates summed over records; 1: float32 gates.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # "suppress": a class-suppression patch (no records, no gates: the ``suppress`` object below)
 MODES = ("prune", "collapse", "suppress")
 FORMS = ("shift", "collapse", "affine", "suppress")  # graph forms, see patchgraph
@@ -104,24 +106,23 @@ class Record:
 
     The specification rows are ``e_j - e_target`` for every class j != target, in increasing j.
     On the record's region the base's row values lie in [lower_i, upper_i] (two LPs each, ``prune``
-    mode) and the patch maps them to ``alpha_i * v + beta_i``, which must lie in the manifest's
-    [q_lower, q_upper]. ``collapse`` has alpha = 0, so no bounds are needed. ``mean_shift`` is beta
-    on the added row (1,...,1)/C, ``mean_scale`` its alpha.
+    mode) and the patch maps them to ``alpha_i * v + (P t)_i``, which must lie in the manifest's
+    [q_lower, q_upper]. ``collapse`` has alpha = 0, so no bounds are needed. ``mean_scale`` is alpha
+    on the added row (1,...,1)/C. The shifts are not stored here (format 4): the device computes
+    ``P t`` from the graph's own t table, the numbers that act, so a second copy could only disagree.
     """
 
     target: int
     gamma: float
     alpha: tuple[float, ...]
-    beta: tuple[float, ...]
     mean_scale: float
-    mean_shift: float
     lower: tuple[float, ...] | None
     upper: tuple[float, ...] | None
     points: int
 
     def to_json(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in _RECORD_FIELDS}
-        for k in ("alpha", "beta", "lower", "upper"):
+        for k in ("alpha", "lower", "upper"):
             d[k] = None if d[k] is None else list(d[k])
         return d
 
@@ -151,7 +152,8 @@ class Manifest:
     gate_step_log2: int
     request: dict[str, Any] = field(default_factory=dict)
     chain: dict[str, Any] = field(default_factory=lambda: {"position": 0, "after": [], "replaces": []})
-    # mode "suppress" only: {"classes": [K, ...], "margin": m}. Absent from every other file, so files
+    # mode "suppress" only: {"classes": [K, ...], "margin": m} and, for a margin that follows the input,
+    # "affine": {"weights": [[w_K over C logits], ...], "bias": [b_K, ...]}. Absent from every other file, so files
     # written before it existed keep their bytes and ids. Ranges are the certificate check's (verify).
     suppress: dict[str, Any] | None = None
     format: str = FORMAT_NAME
@@ -193,6 +195,9 @@ class Manifest:
         }
         if self.suppress is not None:
             doc["suppress"] = {"classes": list(self.suppress["classes"]), "margin": self.suppress["margin"]}
+            if "affine" in self.suppress:  # absent for a constant margin: those files keep their bytes
+                aff = self.suppress["affine"]
+                doc["suppress"]["affine"] = {"weights": [list(w) for w in aff["weights"]], "bias": list(aff["bias"])}
         return doc
 
     def envelope(self, signatures: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -289,7 +294,7 @@ class Manifest:
             raise _fail(f"{w}.records", "at least one record", record_docs)
         suppress = None
         if suppressing:
-            suppress = _suppress(_get(doc, "suppress", dict, w), f"{w}.suppress")
+            suppress = _suppress(_get(doc, "suppress", dict, w), f"{w}.suppress", n_classes)
         elif "suppress" in doc:
             raise _fail(f"{w}.suppress", "absent outside mode 'suppress'", doc["suppress"])
         records = [_record(r, n_classes, mode, f"{w}.records[{i}]") for i, r in enumerate(record_docs)]
@@ -328,29 +333,42 @@ class Manifest:
         )
 
 
-def _suppress(doc: dict, w: str) -> dict[str, Any]:
+def _suppress(doc: dict, w: str, n_classes: int) -> dict[str, Any]:
     """The suppression's parameters, type-checked only: the certificate check (verify) owns what they
-    must satisfy (classes in range and distinct, margin > 0), so a forged value is refused by name there."""
-    _only_keys(doc, {"classes", "margin"}, w)
+    must satisfy (classes in range and distinct, margin > 0, affine weights within policy), so a forged
+    value is refused by name there. ``affine`` (optional): per class a weight row over the n_classes
+    logits and a bias; the margin is then the floor of m_K(x) (runtime.patchgraph)."""
+    _only_keys(doc, {"classes", "margin", "affine"}, w)
     classes = _get(doc, "classes", list, w)
     if not classes or len(classes) > 100_000 or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
         raise _fail(f"{w}.classes", "a non-empty list of class indices", classes)
     margin = _finite_list([doc.get("margin")], 1, f"{w}.margin")[0]
-    return {"classes": list(classes), "margin": margin}
+    out: dict[str, Any] = {"classes": list(classes), "margin": margin}
+    if "affine" in doc:
+        aff = _get(doc, "affine", dict, w)
+        _only_keys(aff, {"weights", "bias"}, f"{w}.affine")
+        rows = _get(aff, "weights", list, f"{w}.affine")
+        if len(rows) != len(classes):
+            raise _fail(f"{w}.affine.weights", f"one row per class ({len(classes)})", f"{len(rows)} rows")
+        weights = [_finite_list(r, n_classes, f"{w}.affine.weights[{i}]") for i, r in enumerate(rows)]
+        bias = _finite_list(aff.get("bias"), len(classes), f"{w}.affine.bias")
+        out["affine"] = {"weights": weights, "bias": bias}
+    return out
 
 
 def _request(doc: dict, w: str) -> dict[str, Any]:
-    """The request summary: its kind, a point count and salted id commitments, nothing free-form
-    (a patch's text reaches terminals and logs, so it carries no strings of the author's choosing)."""
-    _only_keys(doc, {"kind", "n_points", "id_commitments", "classes", "strategy"}, w)
+    """The request summary: its kind, a point count and one Merkle root of salted id commitments per
+    request it covers (:mod:`.merkle`), nothing free-form (a patch's text reaches terminals and logs,
+    so it carries no strings of the author's choosing)."""
+    _only_keys(doc, {"kind", "n_points", "id_roots", "classes", "strategy"}, w)
     kind = _get(doc, "kind", str, w)
     if kind not in REQUEST_KINDS:
         raise _fail(f"{w}.kind", f"one of {REQUEST_KINDS}", kind)
     n_points = _get(doc, "n_points", int, w)
-    commitments = _get(doc, "id_commitments", list, w)
-    if n_points < 0 or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in commitments):
-        raise _fail(w, "n_points >= 0 and id_commitments of 64 hex digits", doc)
-    out: dict[str, Any] = {"kind": kind, "n_points": n_points, "id_commitments": list(commitments)}
+    roots = _get(doc, "id_roots", list, w)
+    if n_points < 0 or len(roots) > 100_000 or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in roots):
+        raise _fail(w, "n_points >= 0 and id_roots of 64 hex digits", doc)
+    out: dict[str, Any] = {"kind": kind, "n_points": n_points, "id_roots": list(roots)}
     if "classes" in doc:
         classes = _get(doc, "classes", list, w)
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
@@ -367,7 +385,7 @@ def _request(doc: dict, w: str) -> dict[str, Any]:
 def _record(doc: Any, n_classes: int, mode: str, w: str) -> Record:
     _only_keys(
         doc if isinstance(doc, dict) else {},
-        {"target", "gamma", "alpha", "beta", "mean_scale", "mean_shift", "lower", "upper", "points"},
+        {"target", "gamma", "alpha", "mean_scale", "lower", "upper", "points"},
         w,
     )
     target = _get(doc, "target", int, w)
@@ -378,10 +396,7 @@ def _record(doc: Any, n_classes: int, mode: str, w: str) -> Record:
         raise _fail(f"{w}.gamma", "a positive number", gamma)
     rows = n_classes - 1
     alpha = _finite_list(doc.get("alpha"), rows, f"{w}.alpha")
-    beta = _finite_list(doc.get("beta"), rows, f"{w}.beta")
-    mean_scale, mean_shift = _finite_list(
-        [doc.get("mean_scale"), doc.get("mean_shift")], 2, f"{w}.mean_scale/mean_shift"
-    )
+    mean_scale = _finite_list([doc.get("mean_scale")], 1, f"{w}.mean_scale")[0]
     if mode == "prune":
         lower = _finite_list(doc.get("lower"), rows, f"{w}.lower")
         upper = _finite_list(doc.get("upper"), rows, f"{w}.upper")
@@ -396,9 +411,7 @@ def _record(doc: Any, n_classes: int, mode: str, w: str) -> Record:
         target=target,
         gamma=gamma,
         alpha=tuple(alpha),
-        beta=tuple(beta),
         mean_scale=mean_scale,
-        mean_shift=mean_shift,
         lower=None if lower is None else tuple(lower),
         upper=None if upper is None else tuple(upper),
         points=points,

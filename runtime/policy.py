@@ -6,7 +6,8 @@ can reach and what it can cost, so a device (or an auditor) needs no trust in th
   pre-activations is below 1/gamma; the policy caps 1/gamma. The default, 1.0, is about one median
   |z| of the default MLP: a gate reaches a neighbouring region only a little way past its boundary;
 - ``max_abs_T`` / ``max_abs_t``: the correction ``g (T f + t)`` stays finite and bounded for any
-  finite base logits, so no passing patch can make a logit infinite or NaN;
+  finite base logits, so no passing patch can make a logit infinite or NaN. They also cap an affine
+  suppression margin's weights and bias (``w . f + b`` corrects the same logits; see patchgraph);
 - record and patch counts: the gate work is O(records) per input, so they bound device latency and
   memory (a patch of 80,000 records would cost 24 s per 1,000 images);
 - ``spec_tolerance``: absolute slack, in specification space, allowed between a record's stored

@@ -15,11 +15,13 @@ What the checks prove, whoever built the patch (the device needs no trust in the
 - each record's numbers carry its certificate: the closed form of PRUNE, and its stored bounds mapped
   into the specification, checked on the stored float32 tensors with absolute tolerances.
 - a suppression patch (mode ``suppress``, no records) *is* the canonical suppression graph of the
-  classes and margin its manifest names, with classes in range and a margin > 0: then no input is
+  classes and margin its manifest names, with classes in range and a margin > 0 (for a margin that
+  follows the input, also its weights and bias: the manifest's, finite, within policy): then no input is
   ever predicted as a suppressed class (by construction, :mod:`.patchgraph`), and a set whose records
   target a suppressed class is refused (:func:`check_suppressions`).
 What stays the server's word: that the stored bounds are the region's (the LPs), and that the
-patterns are the forgotten points' (the salted commitments bind the request, not the data).
+patterns are the forgotten points' (the request's Merkle root of salted id commitments binds the
+request, not the data; see :mod:`.merkle`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from .interference import RecordSet, check_interference
 from .manifest import Manifest
 from .patchfile import PatchFile, read_patch_file
 from .patchgraph import (
+    SUPPRESS_INPUT_CLIP,
+    SUPPRESS_MARGIN_BOUND,
     PatchParams,
     SuppressParams,
     affine_from_scales_many,
@@ -181,10 +185,13 @@ def _check_suppress_structure(m: Manifest, model: onnx.ModelProto, source: str) 
     return sp
 
 
-def check_suppression(manifest: Manifest, sp: SuppressParams, source: str) -> None:
+def check_suppression(manifest: Manifest, sp: SuppressParams, source: str, policy: DevicePolicy = DEFAULT_POLICY) -> None:
     """A suppression's certificate: its classes lie in [0, C), are distinct and leave a class to
     predict, its margin is positive, and the graph suppresses exactly those classes by that margin.
-    Then ``out_K < max_{j not in S} out_j`` for every input by construction (patchgraph)."""
+    Then ``out_K < max_{j not in S} out_j`` for every input by construction (patchgraph). An affine
+    margin (the margin is then its floor m_min) must be the manifest's numbers exactly, finite, with
+    |w| <= policy max_abs_T and |b| <= policy max_abs_t (the caps of a record's correction of the same
+    logits), and C max|w| 2^64 + max|b| below 2^126, so m_K(x) is finite and >= m_min on every input."""
     c = manifest.n_classes
     classes = list(manifest.suppress["classes"])
     margin = manifest.suppress["margin"]
@@ -199,6 +206,25 @@ def check_suppression(manifest: Manifest, sp: SuppressParams, source: str) -> No
         raise CertificateError(f"{where}: graph suppresses classes {sp.classes.tolist()}, its manifest says {classes}")
     if not (sp.margin == np.float32(margin)).all():
         raise CertificateError(f"{where}: graph margins {sp.margin.tolist()}, its manifest says {margin!r}")
+    aff = manifest.suppress.get("affine")
+    if (aff is not None) != sp.affine:
+        say = lambda a: "an affine margin" if a else "a constant margin"  # noqa: E731
+        raise CertificateError(f"{where}: graph has {say(sp.affine)}, its manifest says {say(aff is not None)}")
+    if aff is None:
+        return
+    w, b = sp.weights, sp.bias
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise CertificateError(f"{where}: affine margin weights and bias expected finite, found NaN or inf in the graph")
+    if not (np.array_equal(w, np.array(aff["weights"], np.float32)) and np.array_equal(b, np.array(aff["bias"], np.float32))):
+        bad = int((w != np.array(aff["weights"], np.float32)).sum() + (b != np.array(aff["bias"], np.float32)).sum())
+        raise CertificateError(f"{where}: graph affine margin differs from its manifest in {bad} numbers; expected equal")
+    w_max, b_max = float(np.abs(w).max(initial=0.0)), float(np.abs(b).max(initial=0.0))
+    if w_max > policy.max_abs_T or b_max > policy.max_abs_t:
+        raise CertificateError(f"{where}: affine margin |w| <= {policy.max_abs_T:g} and |b| <= {policy.max_abs_t:g} "
+                               f"expected (device policy), found {w_max:g} and {b_max:g}")
+    if c * w_max * float(SUPPRESS_INPUT_CLIP) + b_max >= SUPPRESS_MARGIN_BOUND:
+        raise CertificateError(f"{where}: affine margin could overflow float32 (C |w| 2^64 + |b| = "
+                               f"{c * w_max * float(SUPPRESS_INPUT_CLIP) + b_max:g}); expected below 2^126")
 
 
 def check_locality(manifest: Manifest, params: PatchParams, base: BaseGraph, policy: DevicePolicy, source: str) -> None:
@@ -255,9 +281,9 @@ def _first_difference(expected: onnx.ModelProto, found: onnx.ModelProto) -> str:
 
 def check_certificate(manifest: Manifest, params: PatchParams, policy: DevicePolicy, source: str) -> None:
     """Every record's numbers carry its certificate, checked on the stored float32 tensors: T follows
-    from alpha by PRUNE's closed form, ``P(I+T) = diag(alpha) P``, ``P t`` matches beta within the
-    policy's absolute tolerance, and the stored region bounds mapped through alpha and the *stored*
-    ``P t`` lie inside [q_lower, q_upper] (no tolerance there: q_upper < 0 is the margin itself).
+    from alpha by PRUNE's closed form, ``P(I+T) = diag(alpha) P``, and the stored region bounds mapped
+    through alpha and the *stored* ``P t`` lie inside [q_lower, q_upper] (no tolerance there: q_upper < 0
+    is the margin itself). The shift exists only in the graph (format 4), so nothing can disagree with it.
 
     Records are checked in blocks with array operations (a 1000-point patch is checked in
     milliseconds); the error names the first failing record and its first failing check.
@@ -270,18 +296,27 @@ def check_certificate(manifest: Manifest, params: PatchParams, policy: DevicePol
         _check_certificate_block(manifest, params, policy, lo, min(len(manifest.records), lo + block), source)
 
 
+def patched_rows(mode: str, targets: np.ndarray, alpha: np.ndarray, lower: np.ndarray | None, upper: np.ndarray | None,
+                 t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, C-1) lowest and highest patched specification rows on each record's region: the stored bounds
+    mapped through alpha plus the shift ``P t`` of the *stored* float32 t (the numbers that act; collapse:
+    the shift alone). The one computation behind the spec check, shared with the server's t rounding."""
+    c = t.shape[1]
+    pt = np.einsum("pij,pj->pi", completed_specs(targets, c), np.asarray(t, np.float32).astype(np.float64))
+    shift = pt[:, : c - 1]
+    if mode == "prune":
+        return alpha * lower + shift, alpha * upper + shift
+    return shift, shift
+
+
 def _check_certificate_block(manifest: Manifest, params: PatchParams, policy: DevicePolicy, lo: int, hi: int, source: str) -> None:
     c = manifest.n_classes
     recs = manifest.records[lo:hi]
     targets = np.array([r.target for r in recs], dtype=np.int64)
     alpha = np.array([r.alpha for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
-    beta = np.array([r.beta for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
     a_ext = np.column_stack([alpha, [r.mean_scale for r in recs]])
-    b_ext = np.column_stack([beta, [r.mean_shift for r in recs]])
     gamma = params.gamma[lo:hi]
     T = params.T[lo:hi].astype(np.float64)
-    t = params.t[lo:hi].astype(np.float64)
-    tol = policy.spec_tolerance
 
     # Each check is a (records,) mask of passes, in the order a record is read. Written as what must
     # hold (never as a violation test), so a NaN anywhere fails: NaN compares false.
@@ -291,23 +326,17 @@ def _check_certificate_block(manifest: Manifest, params: PatchParams, policy: De
         held.append(((alpha == 0).all(axis=1) & (a_ext[:, -1] == 0), "collapse_alpha"))
     else:
         held.append(((alpha > 0).all(axis=1) & (alpha <= 1).all(axis=1) & (a_ext[:, -1] == 1), "prune_alpha"))
-    T_exp, _ = affine_from_scales_many(targets, a_ext, b_ext, c)
+    T_exp, _ = affine_from_scales_many(targets, a_ext, np.zeros_like(a_ext), c)  # T does not depend on the shift
     held.append((np.abs(T - T_exp).max(axis=(1, 2)) <= _T_ATOL, "closed_form"))
     pbar = completed_specs(targets, c)
     lhs = pbar + pbar @ T  # Pbar(I + T)
-    pt = np.einsum("pij,pj->pi", pbar, t)  # Pbar t: the rows' shifts as the device applies them
-    algebra = (np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) <= _T_ATOL) & (
-        np.abs(pt - b_ext).max(axis=1) <= tol
-    )
-    held.append((algebra, "algebra"))
-    shift = pt[:, : c - 1]
+    held.append(((np.abs(lhs - a_ext[:, :, None] * pbar).max(axis=(1, 2)) <= _T_ATOL), "algebra"))
+    lower = upper = None
     if manifest.mode == "prune":
         lower = np.array([r.lower for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
         upper = np.array([r.upper for r in recs], dtype=np.float64).reshape(len(recs), c - 1)
         held.append(((lower <= upper).all(axis=1), "bounds_order"))
-        new_lo, new_hi = alpha * lower + shift, alpha * upper + shift
-    else:
-        new_lo = new_hi = shift
+    new_lo, new_hi = patched_rows(manifest.mode, targets, alpha, lower, upper, params.t[lo:hi])
     held.append(((new_hi <= manifest.q_upper).all(axis=1) & (new_lo >= manifest.q_lower).all(axis=1), "spec"))
 
     table = ~np.vstack([mask for mask, _ in held])  # (checks, records): True where a check fails
@@ -322,7 +351,7 @@ def _check_certificate_block(manifest: Manifest, params: PatchParams, policy: De
         "collapse_alpha": f"collapse expects alpha = 0 on every row, found {list(rec.alpha)}",
         "prune_alpha": f"prune expects 0 < alpha <= 1 and mean scale 1, found {list(rec.alpha)}",
         "closed_form": f"graph T differs from the closed form of its alpha by more than {_T_ATOL:g}",
-        "algebra": f"P(I+T) = diag(alpha) P, or P t = beta within {tol:g}, does not hold",
+        "algebra": f"P(I+T) = diag(alpha) P does not hold within {_T_ATOL:g}",
         "bounds_order": f"bounds expected lower <= upper, found {rec.lower} / {rec.upper}",
         "spec": f"patched rows expected inside [{manifest.q_lower:g}, {manifest.q_upper:g}], "
         f"found [{float(np.nanmin(new_lo[j])):.6g}, {float(np.nanmax(new_hi[j])):.6g}]",
@@ -360,8 +389,9 @@ def _run(
         ran("locality", f"Relu inputs {[g.name for g in m.gated]}, step 2^{m.gate_step_log2} (base card); "
                         f"gate width <= {float(params.gate_width.max(initial=0.0)):.3g} (policy {policy.max_gate_width:g})")
         if suppress is not None:
-            check_suppression(m, suppress, source)
-            ran("certificate", f"classes {m.suppress['classes']} below the best other class by > {m.suppress['margin']:g} "
+            check_suppression(m, suppress, source, policy)
+            kind = "an affine margin >= " if suppress.affine else ""
+            ran("certificate", f"classes {m.suppress['classes']} below the best other class by > {kind}{m.suppress['margin']:g} "
                                "on every input (by construction)")
         else:
             check_certificate(m, params, policy, source)

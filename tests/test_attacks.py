@@ -116,8 +116,8 @@ def collapse_records(targets, gammas, n_classes: int, q_upper: float) -> tuple[l
     T, t = affine_from_scales_many(targets, np.zeros((len(targets), n_classes)), np.column_stack([beta, np.zeros(len(targets))]), n_classes)
     zeros = (0.0,) * (n_classes - 1)
     records = [
-        Record(target=k, gamma=float(g), alpha=zeros, beta=tuple(b), mean_scale=0.0, mean_shift=0.0, lower=None, upper=None, points=1)
-        for k, g, b in zip(targets, gammas, beta.tolist())
+        Record(target=k, gamma=float(g), alpha=zeros, mean_scale=0.0, lower=None, upper=None, points=1)
+        for k, g in zip(targets, gammas)
     ]
     return records, T, t
 
@@ -534,3 +534,126 @@ def test_suppression_with_records_or_gates_refused_by_format(suppression, honest
     doc["suppress"] = {"classes": [3], "margin": 1.0}
     with pytest.raises(PatchVerificationError, match="absent outside mode 'suppress'"):
         Manifest.from_json(doc)
+
+
+# ----------------------------------------------------------------------------- affine suppression margin
+@pytest.fixture(scope="module")
+def affine_suppression(mlp_bundle, tmp_path_factory):
+    """An honest class-3 suppression whose margin follows the input (weights fitted by hand on a
+    synthetic target, so no model is trained): the attacker's raw material."""
+    from prune_edge.suppress import build_class_suppression
+    from prune_edge.targets import fit_affine_suppression
+
+    ds = mlp_bundle.dataset
+    ids = np.flatnonzero(ds.y_train == 3)
+    f = PatchedModel(mlp_bundle.onnx_path).logits(ds.x_train[ids]).astype(np.float64)
+    without = f.copy()
+    without[:, 3] = np.delete(f, 3, axis=1).max(1) - (6.0 + 0.5 * f[:, 3])
+    aff = fit_affine_suppression(f, without, ds.y_train[ids], [3], 16.0, 1e4)
+    path = tmp_path_factory.mktemp("affine") / "class3-affine.pepatch"
+    build_class_suppression(mlp_bundle, [3], path, ledger=path.parent / "ledger", evaluate=False, affine=aff)
+    return path, read_patch_file(path).manifest
+
+
+def affine_graph(like: Manifest, weights, bias, floor=1.0) -> onnx.ModelProto:
+    from prune_edge.runtime.patchgraph import SuppressParams, build_suppress_graph
+
+    params = SuppressParams(np.array([3]), np.array([floor], np.float32), np.asarray(weights, np.float32).reshape(1, -1),
+                            np.asarray(bias, np.float32).reshape(1))
+    return build_suppress_graph(like.logits_name, params, like.n_classes, like.base_opset, like.base_ir_version)
+
+
+def _affine_doc(m: Manifest, weights=None, bias=None, margin=None) -> dict:
+    a = m.suppress["affine"]
+    return {"classes": [3], "margin": m.suppress["margin"] if margin is None else margin,
+            "affine": {"weights": a["weights"] if weights is None else [list(map(float, weights))],
+                       "bias": a["bias"] if bias is None else [float(bias)]}}
+
+
+def test_honest_affine_suppression_passes(base, affine_suppression):
+    assert_certified(base, [affine_suppression[0]])
+    assert "affine" in affine_suppression[1].suppress and len(affine_suppression[1].suppress["affine"]["weights"][0]) == 10
+
+
+def test_affine_weights_differing_from_the_manifest_refused(base, affine_suppression, tmp_path):
+    """The graph's weights (or bias) one float32 step away from the manifest's: refused by name."""
+    _, m = affine_suppression
+    w = np.array(m.suppress["affine"]["weights"][0], np.float32)
+    b = np.float32(m.suppress["affine"]["bias"][0])
+    w2 = w.copy()
+    w2[5] = np.nextafter(w2[5], np.float32(np.inf))
+    evil = forge_suppression(tmp_path / "w.pepatch", m, affine_graph(m, w2, b))
+    assert_refused(base, [evil], "certificate", r"graph affine margin differs from its manifest in 1 numbers")
+    evil = forge_suppression(tmp_path / "b.pepatch", m, affine_graph(m, w, b - 40))
+    assert_refused(base, [evil], "certificate", r"graph affine margin differs from its manifest in 1 numbers")
+    # an affine graph under a manifest with a constant margin, and the reverse
+    evil = forge_suppression(tmp_path / "c.pepatch", m, affine_graph(m, w, b), suppress={"classes": [3], "margin": 1.0})
+    assert_refused(base, [evil], "certificate", "graph has an affine margin, its manifest says a constant margin")
+    evil = forge_suppression(tmp_path / "d.pepatch", m, suppression_graph(m, [3], 1.0))
+    assert_refused(base, [evil], "certificate", "graph has a constant margin, its manifest says an affine margin")
+
+
+@pytest.mark.parametrize("floor", [0.0, -5.0])
+def test_affine_floor_not_positive_refused(base, affine_suppression, tmp_path, floor):
+    """m_min <= 0 in graph and manifest alike (structure passes): m_K(x) could reach 0 or below, so
+    class 3 could tie or win: the certificate refuses it."""
+    _, m = affine_suppression
+    a = m.suppress["affine"]
+    evil = forge_suppression(tmp_path / "f.pepatch", m, affine_graph(m, a["weights"][0], a["bias"][0], floor),
+                             suppress=_affine_doc(m, margin=floor))
+    assert_refused(base, [evil], "certificate", "margin expected > 0")
+
+
+def test_affine_max_clamp_removed_refused(base, affine_suppression, mlp_bundle, tmp_path):
+    """The canonical graph with its Max (the floor m_min) bypassed, under a bias of -60 that graph and
+    manifest agree on: run alone it lets class 3 win (a negative margin lifts 3 above the best other
+    class); the structure check refuses it."""
+    _, m = affine_suppression
+    a = m.suppress["affine"]
+    graph = affine_graph(m, a["weights"][0], -60.0)
+    edited = copy.deepcopy(graph)
+    node = next(n for n in edited.graph.node if n.op_type == "Max")
+    node.op_type, node.input[:] = "Identity", [node.input[0]]
+    evil = forge_suppression(tmp_path / "nomax.pepatch", m, edited, suppress=_affine_doc(m, bias=-60.0))
+    f = PatchedModel(base.path, base=base).logits(mlp_bundle.dataset.x_test)
+    out = make_session(edited.SerializeToString()).run(None, {m.logits_name: f})[0]
+    assert (out.argmax(1) == 3).any()
+    assert_refused(base, [evil], "structure", "not the canonical suppression graph")
+
+
+def test_affine_non_finite_weights_refused(base, affine_suppression, tmp_path):
+    """NaN or inf weights: in the graph (manifest finite) the certificate refuses them before comparing;
+    in the manifest the format check does (JSON numbers must be finite)."""
+    _, m = affine_suppression
+    a = m.suppress["affine"]
+    for bad in (np.nan, np.inf):
+        w = np.array(a["weights"][0], np.float32)
+        w[2] = bad
+        evil = forge_suppression(tmp_path / f"g{bad}.pepatch", m, affine_graph(m, w, a["bias"][0]))
+        assert_refused(base, [evil], "certificate", "expected finite, found NaN or inf in the graph")
+    doc = m.to_json()
+    doc["suppress"]["affine"]["weights"][0][2] = float("nan")
+    with pytest.raises(PatchVerificationError, match=r"suppress.affine.weights\[0\]: expected finite numbers"):
+        Manifest.from_json(doc)
+    doc = m.to_json()
+    doc["suppress"]["affine"]["bias"] = []
+    with pytest.raises(PatchVerificationError, match=r"suppress.affine.bias: expected a list of 1 numbers"):
+        Manifest.from_json(doc)
+
+
+def test_affine_weights_outside_policy_refused(base, affine_suppression, tmp_path):
+    """|w| = 100 is refused under the default policy (max_abs_T 16) and accepted by a device whose policy
+    allows it; |w| = 1e30 under a policy allowing it is still refused: C |w| 2^64 would overflow."""
+    _, m = affine_suppression
+    a = m.suppress["affine"]
+    w = np.array(a["weights"][0], np.float32)
+    w[0] = 100.0
+    evil = forge_suppression(tmp_path / "big.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
+    assert_refused(base, [evil], "certificate", r"\|w\| <= 16 and \|b\| <= 10000 expected \(device policy\), found 100")
+    verify_patch(evil, base, DevicePolicy(max_abs_T=128.0))
+    w[0] = 1e30
+    huge = forge_suppression(tmp_path / "huge.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"max_abs_T": 1e31}))
+    assert_refused(base, [huge], "certificate", "could overflow float32", "--policy", policy_file,
+                   policy=DevicePolicy(max_abs_T=1e31))

@@ -100,19 +100,18 @@ def _margin_to_k(net, x):
     return f[:, K] - others.max(dim=1).values
 
 
-def test_adversarial_search_finds_no_input_predicted_k(suppressed, mlp_bundle):
+@pytest.fixture(scope="module")
+def adversarial_inputs(mlp_bundle):
     """Counterexample search: gradient ascent on the base's preference for class 3 from many starts
     (class-3 test images, noise, blank, inputs far outside [0, 1] where logits are huge), then an exact
-    LP per linear region reached, maximising f_3 - f_j over the region for every j; every input found
-    is run through the patched onnxruntime model. None is predicted 3, and 3 stays below the best
-    other logit, though the base predicts 3 on (nearly) all of them."""
+    LP per linear region reached, maximising f_3 - f_j over the region for every j."""
+    import copy
+
     import torch
 
     from prune_edge.regions import compute_regions, region_lp
 
     ds = mlp_bundle.dataset
-    import copy
-
     net = copy.deepcopy(mlp_bundle.net).float().eval()  # a copy: the session's bundle stays as it is
     g = torch.Generator().manual_seed(0)
     starts = torch.cat([torch.from_numpy(ds.x_test[ds.y_test == K][:24]), torch.rand((16, *ds.x_test.shape[1:]), generator=g),
@@ -138,16 +137,26 @@ def test_adversarial_search_finds_no_input_predicted_k(suppressed, mlp_bundle):
         for j in range(ds.n_classes):
             if j != K:
                 lp_points.append(lp.solve(-(jac[b, K] - jac[b, j])))
+    assert len(lp_points) == 8 * (ds.n_classes - 1)
     found.append(np.asarray(lp_points, np.float32).reshape(-1, *ds.x_test.shape[1:]))
-    x_all = np.concatenate(found)
-    after, before = suppressed["model"].logits(x_all), suppressed["base"].logits(x_all)
+    return np.concatenate(found)
+
+
+@pytest.mark.parametrize("form", ["constant", "affine"])
+def test_adversarial_search_finds_no_input_predicted_k(form, suppressed, affine_suppressed, adversarial_inputs):
+    """Every input the search found is run through the patched onnxruntime model (the constant-margin and
+    the affine-margin suppression): none is predicted 3, and 3 stays below the best other logit, though
+    the base predicts 3 on (nearly) all of them; every other logit is the base's bit for bit."""
+    patched = (suppressed if form == "constant" else affine_suppressed)["model"]
+    x_all = adversarial_inputs
+    after, before = patched.logits(x_all), suppressed["base"].logits(x_all)
+    n_classes = before.shape[1]
     assert np.isfinite(after).all() and np.abs(before).max() > 1e4  # the far inputs reach huge logits
-    others = [j for j in range(ds.n_classes) if j != K]
+    others = [j for j in range(n_classes) if j != K]
     assert (before.argmax(1) == K).mean() > 0.9  # the search did find inputs the base calls 3 ...
     assert not (after.argmax(1) == K).any()  # ... and the patched model calls none of them 3
     assert (after[:, K] < after[:, others].max(1)).all()
     assert np.array_equal(after[:, others].view(np.uint32), before[:, others].view(np.uint32))
-    assert len(lp_points) == 8 * (ds.n_classes - 1)
 
 
 def test_suppression_composes_after_point_patches_and_splits(suppressed, forget_ids, mlp_bundle, tmp_path):
@@ -279,3 +288,185 @@ def test_margin_rule_takes_the_margin_from_the_cached_calibration(tmp_path, mlp_
                         (("--margin-rule", "median", "--strategy", "points"), "expected --forget-class K with the suppress")):
         r = run(*args)
         assert r.exit_code == 2 and match in r.output and not out.exists()
+
+
+# ----------------------------------------------------------------------------- affine suppression
+def _calibrated_base_copy(tmp_path, mlp_base, mlp_bundle, seed: int = 0):
+    """A copy of the base with hand-written calibration caches (no model trained): the point calibration
+    (base logits plus noise) and a class calibration whose class-3 logit sits a per-point gap below,
+    a gap that depends on the base's own logits (what an affine fit can follow)."""
+    import shutil
+
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.targets import CALIBRATION_NAME, ClassCalibration, UnseenCalibration, class_calibration_name
+
+    base = tmp_path / "base"
+    shutil.copytree(mlp_base, base, ignore=shutil.ignore_patterns("ledger", "patches", "*.npz"))
+    ds = mlp_bundle.dataset
+    rng = np.random.default_rng(seed)
+    f = PatchedModel(mlp_bundle.onnx_path).logits(ds.x_train).astype(np.float64)
+    point = f + rng.normal(0, 1, f.shape)
+    UnseenCalibration(point, 1.0, 16, np.ones(len(point), np.int64), 0.0, 0.9).save(base / CALIBRATION_NAME)
+    ids = np.flatnonzero(ds.y_train == K)
+    without = f[ids].copy()
+    without[:, K] = np.delete(without, K, axis=1).max(1) - (8.0 + 0.5 * f[ids, K] + rng.normal(0, 1, len(ids)))
+    ClassCalibration((K,), ids, without, 1.0, 4, 0.0).save(base / class_calibration_name([K]))
+    return base, ids, without
+
+
+@pytest.fixture(scope="module")
+def affine_suppressed(tmp_path_factory, mlp_base, mlp_bundle):
+    """Class 3 forgotten with `--target unseen`: a suppression whose margin follows the input, fitted on
+    the (hand-written) class calibration of a copy of the base."""
+    from prune_edge.cli import main
+    from prune_edge.runtime.model import PatchedModel
+
+    tmp = tmp_path_factory.mktemp("affine")
+    base, ids, without = _calibrated_base_copy(tmp, mlp_base, mlp_bundle)
+    out = tmp / "class3-affine.pepatch"
+    r = CliRunner().invoke(main, ["build-patch", "--base", str(base), "--forget-class", str(K), "--target", "unseen",
+                                  "--out", str(out), "--ledger", str(tmp / "ledger"), "--json"])
+    assert r.exit_code == 0, r.output
+    return {"path": out, "report": json.loads(r.output), "model": PatchedModel(mlp_bundle.onnx_path, [out]),
+            "ids": ids, "without": without}
+
+
+def test_affine_suppression_fit_and_onnxruntime(affine_suppressed, mlp_bundle):
+    """The manifest carries the least-squares fit of the class calibration's gaps on the base's logits at
+    the class's training points (weights exactly those of targets.fit_affine_suppression); through
+    onnxruntime on all 5,000 images class 3 is never predicted, its logit sits max(1, w . f + b) below
+    the best other class wherever the base's logit was above that cap, the margin varies with the input,
+    and every other logit is the base's bit for bit."""
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.runtime.patchgraph import SuppressParams
+    from prune_edge.runtime.policy import DEFAULT_POLICY
+    from prune_edge.targets import fit_affine_suppression
+
+    ds = mlp_bundle.dataset
+    m = read_patch_file(affine_suppressed["path"]).manifest
+    base = PatchedModel(mlp_bundle.onnx_path)
+    ids = affine_suppressed["ids"]
+    want = fit_affine_suppression(base.logits(ds.x_train[ids]), affine_suppressed["without"], ds.y_train[ids], [K],
+                                  DEFAULT_POLICY.max_abs_T, DEFAULT_POLICY.max_abs_t)
+    assert m.suppress["margin"] == 1.0 and m.suppress["affine"]["weights"] == want.weights.tolist()
+    assert m.suppress["affine"]["bias"] == want.bias.tolist() and want.r2[0] > 0.5
+    assert affine_suppressed["report"]["affine_margin"]["r2"] == [round(want.r2[0], 4)]
+    sp = SuppressParams([K], [1.0], want.weights, want.bias)
+    x = np.concatenate([ds.x_train, ds.x_test])
+    assert len(x) == 5000
+    after, before = affine_suppressed["model"].logits(x), base.logits(x)
+    others = [j for j in range(ds.n_classes) if j != K]
+    assert np.array_equal(after[:, others].view(np.uint32), before[:, others].view(np.uint32))
+    assert not (after.argmax(1) == K).any()
+    mo, margin = before[:, others].max(1).astype(np.float64), sp.margins_at(before)[:, 0]
+    assert (margin >= 1.0).all() and margin.std() > 0.5  # not one constant: it follows the input
+    cap = mo - margin
+    capped = before[:, K] > cap + 1e-3 * (1 + np.abs(mo))
+    assert capped.sum() > 300  # the cap acts on many images (every one the base called 3, and more)
+    np.testing.assert_allclose(after[capped, K], cap[capped], rtol=0, atol=1e-4 * (1 + np.abs(mo[capped]).max()))
+    assert np.array_equal(after[~capped & (before[:, K] < cap - 1e-3 * (1 + np.abs(mo))), K],
+                          before[~capped & (before[:, K] < cap - 1e-3 * (1 + np.abs(mo))), K])
+
+
+@pytest.mark.parametrize("weights", ["fitted", "policy-max"])
+def test_affine_suppression_logit_space_search(weights, affine_suppressed):
+    """The guarantee in logit space, on a suppression graph run alone by onnxruntime: the patch's own
+    (fitted) graph, and the same graph with the largest weights and most negative bias the default
+    policy allows (|w| = 16 with alternating signs, b = -1e4). Inputs: logits where class 3 leads, ties,
+    scales up to 1e30 and float32's largest, logits chosen so that w . f overflows float32 (f = +-3e38
+    along the signs of w: without the clip, inf, and inf - inf = NaN), plus a random search that keeps
+    the input where out_3 - max_{j != 3} out_j is largest. Class 3 is never predicted and stays
+    strictly below the best other class; every other logit is the input's bit for bit."""
+    from prune_edge.runtime.model import make_session
+    from prune_edge.runtime.patchgraph import SuppressParams, build_suppress_graph
+
+    m = read_patch_file(affine_suppressed["path"]).manifest
+    c = m.n_classes
+    w = np.array(m.suppress["affine"]["weights"][0], np.float32)
+    b = np.float32(m.suppress["affine"]["bias"][0])
+    if weights == "policy-max":
+        w, b = np.where(np.arange(c) % 2 == 0, 16.0, -16.0).astype(np.float32), np.float32(-1e4)
+    sp = SuppressParams([K], [m.suppress["margin"]], w[None], [b])
+    sess = make_session(build_suppress_graph(m.logits_name, sp, c, m.base_opset, m.base_ir_version).SerializeToString())
+    rng = np.random.default_rng(0)
+    big = np.float32(3e38)
+    rows = []
+    for scale in (1e-30, 1e-3, 1.0, 1e3, 1e8, 1e20, 1e30, 3e37):
+        f = (rng.normal(size=(64, c)) * scale).astype(np.float32)
+        f[:, K] = np.abs(f).max(1) * np.float32(1.0001)  # class 3 leads
+        rows.append(f)
+        g = f.copy()
+        g[:, K] = np.delete(g, K, axis=1).max(1)  # ties
+        rows.append(g)
+    for sign in (1, -1):  # w . f -> +-inf in float32 without the clip (policy-max weights)
+        over = (sign * np.sign(w)[None].repeat(8, 0) * big).astype(np.float32)
+        over[:, K] = big
+        rows.append(over)
+        if weights == "policy-max":
+            with np.errstate(over="ignore", invalid="ignore"):
+                assert not np.isfinite((over * w).sum(1, dtype=np.float32) + b).any()
+    f = np.concatenate(rows).astype(np.float32)
+    run = lambda z: sess.run(None, {m.logits_name: z})[0]  # noqa: E731
+    others = [j for j in range(c) if j != K]
+    lead = lambda out: out[:, K] - out[:, others].max(1)  # noqa: E731
+    best = f[:64].copy()
+    for _ in range(30):  # perturb the best-so-far logits, keep those that bring 3 closest to winning
+        cand = (best + rng.normal(size=best.shape).astype(np.float32) * np.float32(10.0 ** rng.integers(-3, 30))).astype(np.float32)
+        cand[:, K] = np.float32(np.finfo(np.float32).max) * np.float32(0.9)
+        keep = lead(run(cand)) > lead(run(best))
+        best[keep] = cand[keep]
+        f = np.concatenate([f, cand])
+    assert np.isfinite(f).all()
+    out = run(f)
+    assert not (out.argmax(1) == K).any() and (out[:, K] < out[:, others].max(1)).all()
+    assert np.array_equal(out[:, others].view(np.uint32), f[:, others].view(np.uint32))
+
+
+def test_affine_suppression_composes_merges_and_compacts(affine_suppressed, mlp_bundle, tmp_path):
+    """An affine suppression of 3 with a constant one of 3 (margin 30) and one of 7, run together: one
+    merged suppression whose margin for 3 is the larger of the two on each input (numpy model of the
+    graph, to float32 rounding), 3 and 7 never predicted, other logits bit for bit; `compact` refuses
+    to merge two suppressions of 3 with affine margins and merges the disjoint 7 + affine 3 into one
+    patch with the same logits as the chain."""
+    from prune_edge.cli import main
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.runtime.patchgraph import SuppressParams
+    from prune_edge.suppress import build_class_suppression
+
+    ds = mlp_bundle.dataset
+    aff = affine_suppressed["path"]
+    base = str(mlp_bundle.onnx_path)
+    x = ds.x_test
+    f = PatchedModel(base).logits(x)
+    a = read_patch_file(aff).manifest.suppress
+    m_aff = SuppressParams([K], [1.0], np.array(a["affine"]["weights"]), np.array(a["affine"]["bias"])).margins_at(f)[:, 0]
+    const = float(np.float32(np.round(np.median(m_aff), 1)))  # each term wins on about half the inputs
+    s_c, s1, s7 = tmp_path / "sc.pepatch", tmp_path / "s1.pepatch", tmp_path / "s7.pepatch"
+    build_class_suppression(mlp_bundle, [K], s_c, margin=const, ledger=tmp_path / "ledger", evaluate=False)
+    build_class_suppression(mlp_bundle, [K], s1, ledger=tmp_path / "ledger", evaluate=False)
+    build_class_suppression(mlp_bundle, [7], s7, ledger=tmp_path / "ledger", evaluate=False)
+    out = PatchedModel(base, [aff, s_c, s7]).logits(x)
+    keep = [j for j in range(ds.n_classes) if j not in (K, 7)]
+    assert np.array_equal(out[:, keep].view(np.uint32), f[:, keep].view(np.uint32))
+    assert not np.isin(out.argmax(1), [K, 7]).any()
+    mo = f[:, keep].max(1).astype(np.float64)
+    want = np.minimum(f[:, K], mo - np.maximum(m_aff, const))
+    np.testing.assert_allclose(out[:, K], want, rtol=0, atol=1e-4 * (1 + np.abs(mo).max()))
+    both = f[:, K] > mo - np.minimum(m_aff, const) + 1e-3
+    assert (both & (m_aff > const)).any() and (both & (m_aff < const)).any()  # each term decides somewhere
+    r = CliRunner().invoke(main, ["compact", str(aff), str(s1), "--base", base, "--out", str(tmp_path / "x.pepatch")])
+    assert r.exit_code != 0 and "expected disjoint classes" in r.output
+    merged = tmp_path / "m.pepatch"
+    r = CliRunner().invoke(main, ["compact", str(aff), str(s7), "--base", base, "--out", str(merged)])
+    assert r.exit_code == 0, r.output
+    assert read_patch_file(merged).manifest.suppress["affine"]["weights"][0] == a["affine"]["weights"][0]
+    assert np.array_equal(PatchedModel(base, [merged]).logits(x), PatchedModel(base, [aff, s7]).logits(x))
+
+
+def test_target_unseen_refuses_a_margin_rule(tmp_path, mlp_base):
+    from prune_edge.cli import main
+
+    out = tmp_path / "p.pepatch"
+    r = CliRunner().invoke(main, ["build-patch", "--base", str(mlp_base), "--forget-class", str(K), "--target", "unseen",
+                                  "--margin-rule", "match", "--out", str(out)])
+    assert r.exit_code == 2 and "expected no --target unseen" in r.output and not out.exists()

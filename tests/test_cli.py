@@ -237,7 +237,7 @@ def test_inspect(runner, patches, mlp_bundle):
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
     assert doc["manifest"]["patch_id"] == report["patch_id"] and doc["manifest"]["mode"] == "collapse"
-    assert "id_commitments" in doc["manifest"]["request"] and "ids" not in doc["manifest"]["request"]
+    assert len(doc["manifest"]["request"]["id_roots"]) == 1 and "ids" not in doc["manifest"]["request"]
     assert doc["manifest"]["chain"] == {"position": 0, "after": [], "replaces": []}
     assert doc["manifest"]["gate"]["step_log2"] == mlp_bundle.graph.card.gate_step_log2
     assert doc["max_gate_width"] == pytest.approx(1 / min(report["gammas"])) and 0 < doc["max_gate_width"] <= 1.0

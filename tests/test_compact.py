@@ -70,7 +70,8 @@ def test_compact_equals_the_chain_and_certifies(stream, mlp_bundle, tmp_path):
     m = read_patch_file(out).manifest
     ids = [read_patch_file(p).manifest.patch_id for p in stream["paths"]]
     assert m.chain["replaces"] == ids == json.loads(r.output)["replaces"] and m.chain["after"] == []
-    assert m.request["n_points"] == REQUESTS * EACH and len(m.request["id_commitments"]) == REQUESTS * EACH
+    assert m.request["n_points"] == REQUESTS * EACH and m.request["id_roots"] == [
+        r for p in stream["paths"] for r in read_patch_file(p).manifest.request["id_roots"]] and len(m.request["id_roots"]) == REQUESTS
     chain, merged = PatchedModel(base, stream["paths"]), PatchedModel(base, [out])
     assert merged.n_records == chain.n_records
     for x in (ds.x_train, ds.x_test):

@@ -338,11 +338,11 @@ def test_root_rotation_followed_and_the_revoked_key_refused(repo, server, device
 
 # ----------------------------------------------------------------------------- certify on the device
 def _forged(patch: Path, out: Path) -> Path:
-    """The honest patch with record 0's beta moved by 1 (patch id re-derived, graph unchanged): well
-    formed, validly signed once published, and false: its certificate does not hold."""
+    """The honest patch with record 0's mean-row scale moved by 0.5 (patch id re-derived, graph unchanged):
+    well formed, validly signed once published, and false: its certificate does not hold."""
     pf = read_patch_file(patch)
     m = pf.manifest
-    rec = dataclasses.replace(m.records[0], beta=tuple(b + 1.0 for b in m.records[0].beta))
+    rec = dataclasses.replace(m.records[0], mean_scale=m.records[0].mean_scale + 0.5)
     m = dataclasses.replace(m, records=(rec, *m.records[1:]))
     m = dataclasses.replace(m, patch_id=derive_patch_id(m.to_json()))
     out.write_bytes(pack(m, pf.graph_bytes))

@@ -186,6 +186,30 @@ def test_suppress_unseen_runs_records_then_a_calibrated_suppression(quick_run):
     assert (others - test_pred[:, CLASS] >= margin - 1e-3).all()  # every unseen image of the class at least the margin below
 
 
+def test_suppress_affine_is_the_fit_build_patch_computes(quick_run):
+    """prune-suppress-affine's file carries exactly the affine margin `build-patch --target unseen` fits
+    from the base folder's cached class calibration (training points only); through onnxruntime no test
+    image of the class is predicted as the class, and the margins it leaves them vary with the image."""
+    from prune_edge.basedir import load_base
+    from prune_edge.runtime import read_patch_file
+    from prune_edge.runtime.model import PatchedModel
+    from prune_edge.runtime.verify import verify_patch
+    from prune_edge.targets import affine_suppression_margin
+
+    out, _, _ = quick_run
+    folder = out / "bases" / "seed0"
+    bundle = load_base(folder)
+    path = folder / "patches" / f"prune-suppress-affine-class{CLASS}.pepatch"
+    verify_patch(path, bundle.graph)
+    want = affine_suppression_margin(bundle, [CLASS], progress=False)  # cached: no model trained here
+    m = read_patch_file(path).manifest
+    assert m.suppress["affine"] == {"weights": want.weights.tolist(), "bias": want.bias.tolist()}
+    x = bundle.dataset.x_test[bundle.dataset.y_test == CLASS]
+    got = PatchedModel(bundle.onnx_path, [path]).logits(x)
+    gap = np.delete(got, CLASS, axis=1).max(1) - got[:, CLASS]
+    assert (gap > 0).all() and gap.std() > 0.1
+
+
 def test_grid_calibration_is_what_build_patch_computes(quick_run):
     """The grid trains its calibration models as tasks; `build-patch --target unseen` trains them in
     process from the base folder. Both must give the same constants, or the grid measures another target."""
@@ -237,7 +261,8 @@ def test_unseen_constant_without_the_margin_is_refused(quick_run, tmp_path):
     from prune_edge.runtime.base import BaseGraph
     from prune_edge.runtime.fileio import sha256_bytes
     from prune_edge.runtime.manifest import derive_patch_id
-    from prune_edge.runtime.patchgraph import PatchParams, affine_from_scales_many, build_patch_graph, extract_params, form_of
+    from prune_edge.runtime.patchgraph import (PatchParams, affine_from_scales_many, build_patch_graph, completed_spec,
+                                               extract_params, form_of)
 
     out, _, _ = quick_run
     folder = out / "bases" / "seed0"
@@ -248,16 +273,14 @@ def test_unseen_constant_without_the_margin_is_refused(quick_run, tmp_path):
     m = pf.manifest
     params = extract_params(onnx.load_from_string(pf.graph_bytes), len(m.records), m.gated_size, m.n_classes, m.form)
     rec = m.records[0]
-    beta = np.array(rec.beta)
-    beta[0] = -0.5
-    a = np.zeros((1, m.n_classes))
-    T, t = affine_from_scales_many([rec.target], a, np.concatenate([beta, [rec.mean_shift]])[None], m.n_classes)
+    b = completed_spec(rec.target, m.n_classes) @ params.t[0].astype(np.float64)  # the shifts the device reads from t
+    b[0] = -0.5
+    T, t = affine_from_scales_many([rec.target], np.zeros((1, m.n_classes)), b[None], m.n_classes)
     new_T, new_t = params.T.copy(), params.t.copy()
     new_T[0], new_t[0] = T[0], t[0]
     forged = PatchParams(signs=params.signs, gamma=params.gamma, T=new_T, t=new_t, scale_log2=params.scale_log2)
     graph = build_patch_graph(m.gated, m.logits_name, forged, m.base_opset, m.base_ir_version, form_of(forged)).SerializeToString()
-    records = (dataclasses.replace(rec, beta=tuple(beta.tolist())), *m.records[1:])
-    fm = dataclasses.replace(m, records=records, form=form_of(forged), graph_sha256=sha256_bytes(graph), graph_bytes=len(graph))
+    fm = dataclasses.replace(m, form=form_of(forged), graph_sha256=sha256_bytes(graph), graph_bytes=len(graph))
     fm = dataclasses.replace(fm, patch_id=derive_patch_id(fm.to_json()))
     path = tmp_path / "forged-unseen.pepatch"
     path.write_bytes(pack(fm, graph))

@@ -25,6 +25,9 @@ import tracemalloc
 import zipfile
 from datetime import timedelta
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
@@ -32,7 +35,8 @@ from hypothesis import strategies as hs
 from prune_edge.runtime import BaseGraph, PatchVerificationError, unpack, verify_patch
 from prune_edge.runtime.fileio import sha256_bytes
 from prune_edge.runtime.manifest import Manifest, derive_patch_id
-from prune_edge.runtime.patchfile import GRAPH_NAME, MANIFEST_NAME, _DEFLATE_LEVEL, _ZIP_TIME
+from prune_edge.runtime.patchgraph import PREFIX, unpack_signs
+from prune_edge.runtime.patchfile import GRAPH_NAME, MANIFEST_NAME, _DEFLATE_LEVEL, _MANIFEST_DEFLATE_LEVEL, _ZIP_TIME
 
 SCALE = 20 if os.environ.get("PRUNE_EDGE_FUZZ") == "long" else 1
 MEMORY_CAP = 96 << 20  # bytes a single case may allocate at peak (patch files are capped at 64 MiB)
@@ -89,11 +93,11 @@ def container(manifest_raw: bytes, graph: bytes) -> bytes:
     does not stop the case before the manifest and graph checks run)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_DEFLATE_LEVEL) as zf:
-        for name, data in ((MANIFEST_NAME, manifest_raw), (GRAPH_NAME, graph)):
+        for name, data, level in ((MANIFEST_NAME, manifest_raw, _MANIFEST_DEFLATE_LEVEL), (GRAPH_NAME, graph, _DEFLATE_LEVEL)):
             info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, data, compresslevel=_DEFLATE_LEVEL)
+            zf.writestr(info, data, compresslevel=level)
     return buf.getvalue()
 
 
@@ -112,6 +116,9 @@ byte_edits = hs.lists(
     ),
     min_size=1, max_size=4,
 )
+
+
+PACKED_SIGNS = PREFIX + "g0_signs_packed"
 
 
 def apply_edits(data: bytes, edits) -> bytes:
@@ -241,15 +248,26 @@ def test_arbitrary_json_manifest_refused_by_name(honest, doc):
 @given(edits=byte_edits)
 def test_mutated_graph_with_updated_digest_refused_or_original(honest, base, edits):
     """The attacker edits ONNX bytes and updates the digest, size and patch id: the structure check
-    (graph == canonical graph of its own parameters) refuses every graph but the original."""
+    (graph == canonical graph of its own parameters) refuses every graph but the original, and but one
+    whose only change is pattern bits. Format 4 stores one bit per sign, so a flipped bit is another
+    well-formed pattern: which region a record gates is the server's word, as its bounds are (the
+    delivery's signatures bind the file to its publisher), and the patch that passes reads back with
+    exactly those bits."""
     pf = read_patch_file_bytes(honest)
     graph = apply_edits(pf["graph"], edits)
     signed = dict(pf["signed"], graph={**pf["signed"]["graph"], "sha256": sha256_bytes(graph), "bytes": len(graph)})
     signed["patch_id"] = derive_patch_id(signed)
     data = container(encode({"signed": signed, "signatures": []}), graph)
     out = bounded(lambda: verify_patch(unpack(data, "fuzz"), base))
-    if not isinstance(out, PatchVerificationError):
-        assert graph == pf["graph"], "an altered patch graph was accepted"
+    if not isinstance(out, PatchVerificationError) and graph != pf["graph"]:
+        honest_g, got_g = onnx.load_from_string(pf["graph"]), onnx.load_from_string(graph)
+        changed = [a.name for a, b in zip(honest_g.graph.initializer, got_g.graph.initializer) if a != b]
+        assert changed == [PACKED_SIGNS], f"an altered patch graph was accepted (changed: {changed})"
+        bits = numpy_helper.to_array(next(i for i in got_g.graph.initializer if i.name == PACKED_SIGNS))
+        for g in (honest_g, got_g):  # everything but the pattern bits is the honest graph
+            g.graph.initializer.remove(next(i for i in g.graph.initializer if i.name == PACKED_SIGNS))
+        assert honest_g == got_g, "an altered patch graph was accepted"
+        assert np.array_equal(out.params.signs, unpack_signs(bits, len(out.manifest.records)))
 
 
 def test_fuzz_reaches_past_the_container(honest, base):
@@ -257,7 +275,7 @@ def test_fuzz_reaches_past_the_container(honest, base):
     edit with a re-derived id is refused by a later check than the container's."""
     assert verify_patch(unpack(honest, "fuzz"), base).manifest.patch_id == read_patch_file_bytes(honest)["signed"]["patch_id"]
     pf = read_patch_file_bytes(honest)
-    signed = mutate_manifest(pf["signed"], [("scale", _path_index(pf["signed"], ("records", 0, "beta", 0)), None)])
+    signed = mutate_manifest(pf["signed"], [("scale", _path_index(pf["signed"], ("records", 0, "lower", 0)), None)])
     signed["patch_id"] = derive_patch_id(signed)
     out = bounded(lambda: verify_patch(unpack(container(encode({"signed": signed, "signatures": []}), pf["graph"]), "fuzz"), base))
     assert isinstance(out, PatchVerificationError) and out.check == "certificate"

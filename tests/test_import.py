@@ -281,7 +281,7 @@ def test_patch_reading_the_probabilities_is_refused_at_binding(users, tmp_path):
     card names. The device refuses it at binding; the honest twin passes every check."""
     import dataclasses
 
-    from prune_edge.exporters.patch_export import build_patch, commit_ids, new_salt
+    from prune_edge.exporters.patch_export import build_patch, new_salt, points_request
     from prune_edge.runtime.errors import IncompatibleBaseError
     from prune_edge.runtime.patchfile import unpack
     from prune_edge.runtime.verify import verify_patch
@@ -299,7 +299,7 @@ def test_patch_reading_the_probabilities_is_refused_at_binding(users, tmp_path):
     result = synthesize(bundle.net, bundle.dataset.x_train, bundle.dataset.y_train, ids, config,
                         activations=bundle.activations, progress=False)
     honest = base_ref(bundle, result.start)
-    request = {"kind": "points", "n_points": len(ids), "id_commitments": commit_ids(ids, new_salt())}
+    request = points_request(ids, new_salt())
     chain = {"position": 0, "after": [], "replaces": []}
     for ref, refused in ((honest, False), (dataclasses.replace(honest, logits_name=softmax.output[0]), True)):
         assert bundle.graph.tensor_shapes()[ref.logits_name] == (10,)

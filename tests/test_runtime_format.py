@@ -30,12 +30,15 @@ from prune_edge.runtime.manifest import (
     canonical_bytes,
     derive_patch_id,
 )
+from prune_edge.runtime.merkle import ids_root
 from prune_edge.runtime.patchfile import GRAPH_NAME, MANIFEST_NAME, pack, read_patch_file, unpack
 from prune_edge.runtime.patchgraph import (
     DEFAULT_SCALE_LOG2,
+    MIN_OPSET,
     OUTPUT_NAME,
     PREFIX,
     SCALE_LOG2_RANGE,
+    SELECT_BLOCK,
     PatchParams,
     affine_from_scales,
     affine_from_scales_many,
@@ -61,11 +64,13 @@ BASE_SHA = "ab" * 32
 STEP_LOG2 = -3  # delta = 1/8: |v| saturates at about 8, the scale of the test inputs
 DELTA = 2.0**STEP_LOG2
 GAMMAS = (1.5, 2.0, 1.25)  # float32-exact, one per record in turn
-COMMITMENTS = sorted(hashlib.sha256(b"salt" + str(i).encode()).hexdigest() for i in range(3))
+ROOTS = [ids_root(range(10 * r, 10 * r + 5), b"salt") for r in range(3)]  # one Merkle root per request
 ID_RE = r"[0-9a-f]{32}"
 # extra outputs of a patch graph, tapped by these tests
-# SCORE is the gate before its "1 +" and clip: pre = 1 + score, in float32 as the graph's Add does it
-GATE, K, SCORE, V, EXCESS = PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_wv", PREFIX + "g0_v", PREFIX + "g0_excess"
+# SCORE is the gate before its "1 +" and clip: pre = 1 + score, in float32 as the graph's Add does it; its
+# first P columns are the records' (the rest pad the row for the block argmax). VA holds the M codes of v,
+# then |v|_1's parts; NEXCESS is -excess (the records' first P columns).
+GATE, K, SCORE, VA, NEXCESS = PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_wv", PREFIX + "g0_va", PREFIX + "g0_nexcess"
 
 
 # ----------------------------------------------------------------------------- hand-built patches
@@ -100,7 +105,7 @@ def make_records(p: int, mode: str = "prune", alpha_value: float = 0.5) -> tuple
         if mode == "prune":
             alpha = np.full(C - 1, alpha_value)
             lower, upper = np.full(C - 1, -3.0), np.full(C - 1, 2.0)
-            beta = Q_UPPER - 0.25 - alpha * upper  # alpha * upper + beta = q_upper - 0.25
+            beta = Q_UPPER - 0.25 - alpha * upper  # alpha * upper + P t = q_upper - 0.25
             mean_scale, mean_shift = 1.0, 0.0
         else:
             alpha, lower, upper = np.zeros(C - 1), None, None
@@ -111,8 +116,7 @@ def make_records(p: int, mode: str = "prune", alpha_value: float = 0.5) -> tuple
         ts.append(t)
         records.append(
             Record(
-                target=target, gamma=GAMMAS[k % len(GAMMAS)], alpha=tuple(alpha.tolist()), beta=tuple(beta.tolist()),
-                mean_scale=mean_scale, mean_shift=mean_shift,
+                target=target, gamma=GAMMAS[k % len(GAMMAS)], alpha=tuple(alpha.tolist()), mean_scale=mean_scale,
                 lower=None if lower is None else tuple(lower.tolist()),
                 upper=None if upper is None else tuple(upper.tolist()), points=1 + k,
             )
@@ -147,7 +151,7 @@ def make_patch(
         patch_id="0" * 32, created=created, mode=mode, form=form, base_sha256=BASE_SHA, base_opset=OPSET,
         base_ir_version=IR, logits_name=LOGITS, n_classes=C, gated=GATED, graph_sha256=sha256_bytes(graph),
         graph_bytes=len(graph), q_lower=Q_LOWER, q_upper=Q_UPPER, records=tuple(records),
-        gate_step_log2=STEP_LOG2, request={"kind": "points", "n_points": p, "id_commitments": COMMITMENTS[:p]},
+        gate_step_log2=STEP_LOG2, request={"kind": "points", "n_points": p, "id_roots": ROOTS[:1]},
         **({"chain": chain} if chain is not None else {}),
     )
     return rederive(draft), graph
@@ -189,11 +193,12 @@ def test_manifest_round_trip(mode, alpha_value, form):
     assert reparsed == manifest
     assert reparsed.signed_bytes() == manifest.signed_bytes() == canonical_bytes(doc)
     assert json.loads(manifest.signed_bytes()) == doc
-    # v3 fields: the gate step, the chain, the derived id, the widest gate.
-    assert doc["format_version"] == FORMAT_VERSION == 3
+    # v3 fields: the gate step, the chain, the derived id, the widest gate; v4: a root per request, no beta.
+    assert doc["format_version"] == FORMAT_VERSION == 4
+    assert all(set(r) == {"target", "gamma", "alpha", "mean_scale", "lower", "upper", "points"} for r in doc["records"])
     assert doc["gate"] == {"step_log2": STEP_LOG2} and again.gate_step_log2 == STEP_LOG2
     assert doc["chain"] == {"position": 0, "after": [], "replaces": []}
-    assert doc["request"] == {"kind": "points", "n_points": 3, "id_commitments": COMMITMENTS}
+    assert doc["request"] == {"kind": "points", "n_points": 3, "id_roots": ROOTS[:1]}
     assert manifest.patch_id == derive_patch_id(doc) == hashlib.sha256(
         canonical_bytes({k: v for k, v in doc.items() if k != "patch_id"})
     ).hexdigest()[:32]
@@ -207,7 +212,7 @@ def test_manifest_round_trip_with_chain_and_classes():
     a, _ = make_patch(p=1, seed=1)
     b, _ = make_patch(p=1, seed=2)
     m, _ = make_patch(p=2, chain={"position": 2, "after": [a.patch_id, b.patch_id], "replaces": [a.patch_id]})
-    m = rederive(m, request={"kind": "class", "n_points": 40, "id_commitments": [], "classes": [0, 2]})
+    m = rederive(m, request={"kind": "class", "n_points": 40, "id_roots": [], "classes": [0, 2]})
     again = Manifest.from_json(json.loads(json.dumps(m.to_json())))
     assert again == m
     assert again.chain == {"position": 2, "after": [a.patch_id, b.patch_id], "replaces": [a.patch_id]}
@@ -296,7 +301,7 @@ INVALID_MANIFESTS = [
     ("patch_id_upper", _set("patch_id", "AB" * 16), r"signed\.patch_id: expected .*hex digits"),
     ("patch_id_other", _set("patch_id", "ab" * 16), NOT_DERIVED + r", found 'abab"),
     ("created_edited_keeping_id", _set("created", "2030-01-01T00:00:00Z"), NOT_DERIVED),
-    ("beta_edited_keeping_id", _set("records.0.beta.0", -7.0), NOT_DERIVED),
+    ("alpha_edited_keeping_id", _set("records.0.alpha.0", 0.25), NOT_DERIVED),
     ("points_edited_keeping_id", _set("records.1.points", 50), NOT_DERIVED),
     ("gate_edited_keeping_id", _set("gate.step_log2", STEP_LOG2 + 1), NOT_DERIVED),
     ("chain_edited_keeping_id", _set("chain.position", 3), NOT_DERIVED),
@@ -319,7 +324,9 @@ INVALID_MANIFESTS = [
     ("gate_step_float", _set("gate.step_log2", -3.0), r"signed\.gate\.step_log2: expected int, found -3\.0"),
     ("gate_step_bool", _set("gate.step_log2", True), r"signed\.gate\.step_log2: expected int, found True"),
     ("gate_extra_key", _set("gate.width", 1.0), r"signed\.gate: expected only keys \['step_log2'\], found \['width'\]"),
-    ("nan_beta", _set("records.0.beta.0", float("nan")), r"signed\.records\[0\]\.beta: expected finite numbers"),
+    ("nan_alpha", _set("records.0.alpha.0", float("nan")), r"signed\.records\[0\]\.alpha: expected finite numbers"),
+    ("beta_format3_key", _set("records.0.beta", [0.0, 0.0]), r"signed\.records\[0\]: expected only keys .*found \['beta'\]"),
+    ("mean_shift_format3_key", _set("records.0.mean_shift", 0.0), r"signed\.records\[0\]: expected only keys .*found \['mean_shift'\]"),
     ("inf_gamma", _set("records.0.gamma", float("inf")), r"signed\.records\[0\]\.gamma: expected finite numbers"),
     ("gamma_zero", _set("records.0.gamma", 0.0), r"signed\.records\[0\]\.gamma: expected a positive number"),
     ("q_upper_zero", _set("specification.q_upper", 0.0), r"signed\.specification: expected q_lower < q_upper < 0"),
@@ -341,7 +348,8 @@ INVALID_MANIFESTS = [
     ("records_not_list", _set("records", {"0": 1}), r"signed\.records: expected list"),
     ("record_not_object", _set("records.0", [1, 2]), r"signed\.records\[0\]: expected an object"),
     ("alpha_short", _set("records.0.alpha", [0.5]), r"signed\.records\[0\]\.alpha: expected a list of 2 numbers"),
-    ("beta_bool_entry", _set("records.0.beta.1", False), r"signed\.records\[0\]\.beta: expected finite numbers, found False"),
+    ("alpha_bool_entry", _set("records.0.alpha.1", False), r"signed\.records\[0\]\.alpha: expected finite numbers, found False"),
+    ("lower_bool_entry", _set("records.0.lower.1", False), r"signed\.records\[0\]\.lower: expected finite numbers, found False"),
     ("lower_missing_prune", _set("records.0.lower", None), r"signed\.records\[0\]\.lower: expected a list of 2"),
     ("gated_empty", _set("inputs.gated", []), r"signed\.inputs\.gated: expected at least one gated tensor"),
     ("gated_shape_bool", _set("inputs.gated.0.shape", [True, 2]), r"signed\.inputs\.gated\[0\]\.shape: expected a list of positive ints"),
@@ -357,23 +365,25 @@ INVALID_MANIFESTS = [
     ("chain_after_not_str", _set("chain.after", [7]), r"signed\.chain: expected position >= 0 and lists of patch ids"),
     ("chain_extra_key", _set("chain.note", "x"), r"signed\.chain: expected only keys"),
     ("request_not_object", _set("request", []), r"signed\.request: expected dict"),
-    ("request_free_form_key", _set("request.note", "deleted at the user's request"), r"signed\.request: expected only keys \['classes', 'id_commitments', 'kind', 'n_points', 'strategy'\], found \['note'\]"),
+    ("request_free_form_key", _set("request.note", "deleted at the user's request"), r"signed\.request: expected only keys \['classes', 'id_roots', 'kind', 'n_points', 'strategy'\], found \['note'\]"),
+    ("request_format3_commitments", _set("request.id_commitments", []), r"signed\.request: expected only keys .*found \['id_commitments'\]"),
     ("request_kind_unknown", _set("request.kind", "everything"), r"signed\.request\.kind: expected one of \('points', 'class'\)"),
     ("request_kind_missing", _delete("request.kind"), r"signed\.request\.kind: expected a value"),
     ("request_n_points_missing", _delete("request.n_points"), r"signed\.request\.n_points: expected a value"),
-    ("request_n_points_negative", _set("request.n_points", -1), r"signed\.request: expected n_points >= 0 and id_commitments of 64 hex"),
+    ("request_n_points_negative", _set("request.n_points", -1), r"signed\.request: expected n_points >= 0 and id_roots of 64 hex"),
     ("request_n_points_bool", _set("request.n_points", True), r"signed\.request\.n_points: expected int, found True"),
-    ("request_commitments_missing", _delete("request.id_commitments"), r"signed\.request\.id_commitments: expected a value"),
-    ("request_commitment_short", _set("request.id_commitments.0", "ab" * 31), r"signed\.request: expected n_points >= 0 and id_commitments"),
-    ("request_commitment_upper", _set("request.id_commitments.0", "AB" * 32), r"signed\.request: expected n_points >= 0 and id_commitments"),
-    ("request_commitment_free_text", _set("request.id_commitments.0", "alice@example.com"), r"signed\.request: expected n_points >= 0 and id_commitments"),
+    ("request_roots_missing", _delete("request.id_roots"), r"signed\.request\.id_roots: expected a value"),
+    ("request_roots_not_list", _set("request.id_roots", ROOTS[0]), r"signed\.request\.id_roots: expected list"),
+    ("request_root_short", _set("request.id_roots.0", "ab" * 31), r"signed\.request: expected n_points >= 0 and id_roots"),
+    ("request_root_upper", _set("request.id_roots.0", "AB" * 32), r"signed\.request: expected n_points >= 0 and id_roots"),
+    ("request_root_free_text", _set("request.id_roots.0", "alice@example.com"), r"signed\.request: expected n_points >= 0 and id_roots"),
     ("request_classes_not_list", _set("request.classes", 3), r"signed\.request\.classes: expected list"),
     ("request_classes_negative", _set("request.classes", [0, -1]), r"signed\.request\.classes: expected a list of class indices"),
     ("request_classes_bool", _set("request.classes", [True]), r"signed\.request\.classes: expected a list of class indices"),
     ("request_classes_str", _set("request.classes", ["cat"]), r"signed\.request\.classes: expected a list of class indices"),
 ]
 # Cases whose id stays as it was: the id is what is under test, or the content has no canonical hash.
-KEEP_ID = {i for i, _, _ in INVALID_MANIFESTS if i.startswith("patch_id") or i.endswith("keeping_id")} | {"nan_beta", "inf_gamma"}
+KEEP_ID = {i for i, _, _ in INVALID_MANIFESTS if i.startswith("patch_id") or i.endswith("keeping_id")} | {"nan_alpha", "inf_gamma"}
 
 
 @pytest.mark.parametrize("case,mutate,match", [pytest.param(i, m, r, id=i) for i, m, r in INVALID_MANIFESTS])
@@ -392,7 +402,7 @@ def test_invalid_manifest_refused(tiny, case, mutate, match):
 # Python's `$` also matches before a final "\n", so these strings pass the manifest's patterns.
 TRAILING_NEWLINE = [
     ("created", _set("created", "2024-01-01T00:00:00Z\n"), r"signed\.created"),
-    ("id_commitment", _set("request.id_commitments.0", COMMITMENTS[0] + "\n"), r"signed\.request"),
+    ("id_root", _set("request.id_roots.0", ROOTS[0] + "\n"), r"signed\.request"),
     ("chain_after", _set("chain.after", ["0" * 32 + "\n"]), r"signed\.chain"),
     ("base_sha256", _set("base.sha256", BASE_SHA + "\n"), r"signed\.base\.sha256"),
     ("gated_name", _set("inputs.gated.0.name", "feat_a\n"), r"signed\.inputs"),
@@ -425,12 +435,12 @@ def test_invalid_manifest_whole_document():
 
 def test_valid_edge_values_accepted(tiny):
     """The validator is not over-strict: ints where floats are expected, the range ends of every
-    bounded field, and an empty commitment list are fine (once the id is derived from that content)."""
+    bounded field, and an empty list of roots are fine (once the id is derived from that content)."""
     doc = copy.deepcopy(tiny[0].to_json())
     doc["specification"] = {"q_lower": -1000, "q_upper": -1}
     doc["records"][0]["target"] = C - 1
     doc["n_classes"] = C
-    doc["request"] = {"kind": "class", "n_points": 0, "id_commitments": [], "classes": []}
+    doc["request"] = {"kind": "class", "n_points": 0, "id_roots": [], "classes": []}
     doc["chain"] = {"position": 0, "after": [], "replaces": ["0" * 32]}
     for step in SCALE_LOG2_RANGE:
         doc["gate"] = {"step_log2": step}
@@ -439,7 +449,7 @@ def test_valid_edge_values_accepted(tiny):
         assert m.gate_step_log2 == step
     assert m.q_upper == -1.0 and isinstance(m.q_upper, float)
     assert m.records[0].target == C - 1
-    assert m.request == {"kind": "class", "n_points": 0, "id_commitments": [], "classes": []}
+    assert m.request == {"kind": "class", "n_points": 0, "id_roots": [], "classes": []}
 
 
 # ----------------------------------------------------------------------------- container
@@ -475,6 +485,46 @@ def test_pack_is_deterministic(tiny, tmp_path):
     assert read_patch_file(path).manifest == manifest
 
 
+def test_t_rounding_keeps_every_certificate_and_only_lowers_rows():
+    """The server stores t on the coarsest grid that keeps the record's certificate. Counterexample
+    searched: records whose lowest patched row sits just above q_lower (a coarse grid's downward
+    rounding would cross it) fall back to finer grids, and every rounded t passes the device's spec
+    check; no row P t ever rises (the target wins by at least as much)."""
+    from prune_edge.exporters.patch_export import T_GRID_LOG2, round_t_table
+    from prune_edge.runtime.patchgraph import completed_specs
+    from prune_edge.runtime.verify import patched_rows
+
+    rng = np.random.default_rng(3)
+    p = 60
+    records, _, _ = make_records(p, "prune", 1.0)
+    targets = np.array([r.target for r in records])
+    alpha = np.ones((p, C - 1))
+    lower = rng.uniform(-50, -10, size=(p, C - 1))
+    upper = lower + rng.uniform(0, 8, size=(p, C - 1))
+    # shifts putting each row's top at q_upper - 1e-4, or (every third record) its bottom at q_lower + 1e-5 * k
+    beta = (Q_UPPER - 1e-4) - upper
+    tight = np.arange(p) % 3 == 0
+    beta[tight] = (Q_LOWER + 1e-5 * (1 + np.arange(p)[tight, None] % 7)) - lower[tight]
+    upper[tight] = np.minimum(upper[tight], Q_UPPER - 1e-3 - beta[tight])
+    _, t = affine_from_scales_many(targets, np.ones((p, C)), np.column_stack([beta, rng.normal(size=p)]), C)
+    t = t.astype(np.float32)
+    lo0, hi0 = patched_rows("prune", targets, alpha, lower, upper, t)
+    ok0 = (hi0 <= Q_UPPER).all(axis=1) & (lo0 >= Q_LOWER).all(axis=1)
+    recs = [dataclasses.replace(r, lower=tuple(lo), upper=tuple(up)) for r, lo, up in zip(records, lower, upper)]
+    rounded = round_t_table(t, recs, "prune", Q_LOWER, Q_UPPER)
+    lo, hi = patched_rows("prune", targets, alpha, lower, upper, rounded)
+    held = (hi <= Q_UPPER).all(axis=1) & (lo >= Q_LOWER).all(axis=1)
+    assert (held | ~ok0).all() and (rounded[~ok0] == t[~ok0]).all()  # certified stays certified; else untouched
+    pbar = completed_specs(targets, C)
+    rows = lambda tt: np.einsum("pij,pj->pi", pbar, tt.astype(np.float64))[:, :-1]  # noqa: E731
+    assert (rows(rounded) <= rows(t)).all()
+    g = 2.0**T_GRID_LOG2
+    coarse = (np.round(rounded / g) * g == rounded).all(axis=1)
+    assert coarse[~tight].all()  # room to spare: the coarsest grid
+    assert (~coarse[tight & ok0]).any()  # tight records needed a finer grid: the fallback was exercised
+    assert np.abs(rounded - t).max() <= 2 * g
+
+
 def test_build_patch_is_deterministic_given_created(monkeypatch):
     """The server-side builder: same inputs and SOURCE_DATE_EPOCH -> byte-identical patch files, with
     the gate step, chain and derived id the reader demands."""
@@ -483,9 +533,9 @@ def test_build_patch_is_deterministic_given_created(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     records, T, t = make_records(2)
     params = PatchParams(signs=np.ones((2, M), np.int8), gamma=[r.gamma for r in records], T=T, t=t, scale_log2=-5)
-    certs = [RecordCert(r.target, r.gamma, r.alpha, r.beta, r.mean_scale, r.mean_shift, r.lower, r.upper, r.points) for r in records]
+    certs = [RecordCert(r.target, r.gamma, r.alpha, r.mean_scale, r.lower, r.upper, r.points) for r in records]
     ref = BaseRef(BASE_SHA, OPSET, IR, LOGITS, C, GATED)
-    request = {"kind": "points", "n_points": 2, "id_commitments": COMMITMENTS[:2]}
+    request = {"kind": "points", "n_points": 2, "id_roots": ROOTS[:1]}
     m1, d1 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, request)
     m2, d2 = build_patch(ref, params, certs, "prune", Q_LOWER, Q_UPPER, dict(request))
     assert d1 == d2 and m1 == m2
@@ -585,11 +635,11 @@ def pack_text(text: str, graph: bytes) -> bytes:
     """pack()'s exact zip encoding around any manifest text."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for name, data in ((MANIFEST_NAME, text.encode()), (GRAPH_NAME, graph)):
+        for name, data, level in ((MANIFEST_NAME, text.encode(), 6), (GRAPH_NAME, graph, 1)):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, data, compresslevel=1)
+            zf.writestr(info, data, compresslevel=level)
     return buf.getvalue()
 
 
@@ -651,7 +701,7 @@ def test_container_non_finite_json(tiny, constant):
 def test_container_nan_written_by_pack_is_refused(tiny):
     """Even a manifest object carrying NaN that pack() writes out is refused on reading."""
     manifest, graph = tiny
-    rec = dataclasses.replace(manifest.records[0], beta=(float("nan"), 0.0))
+    rec = dataclasses.replace(manifest.records[0], alpha=(float("nan"), 0.5))
     data = pack(dataclasses.replace(manifest, records=(rec, *manifest.records[1:])), graph)
     _refuses(data, r"non-finite number NaN")
 
@@ -714,11 +764,11 @@ def test_container_edited_manifest_without_new_id(tiny):
     """A manifest field edited inside a file, its id left as it was: refused, naming patch_id."""
     manifest, graph = tiny
     doc = manifest.to_json()
-    doc["records"][0]["beta"][0] -= 5.0
+    doc["records"][0]["upper"][0] += 5.0
     env = json.dumps({"signed": doc, "signatures": []}, sort_keys=True, separators=(",", ":"))
     _refuses(pack_text(env, graph), NOT_DERIVED + rf", found '{manifest.patch_id}'")
     # pack() writes what it is given: the same edit on a Manifest object is refused the same way.
-    rec = dataclasses.replace(manifest.records[0], beta=(manifest.records[0].beta[0] - 5.0, *manifest.records[0].beta[1:]))
+    rec = dataclasses.replace(manifest.records[0], upper=(manifest.records[0].upper[0] + 5.0, *manifest.records[0].upper[1:]))
     _refuses(pack(dataclasses.replace(manifest, records=(rec, *manifest.records[1:])), graph), NOT_DERIVED)
 
 
@@ -793,7 +843,7 @@ def run(params: PatchParams, z: np.ndarray, f: np.ndarray | None = None, form: s
     f = np.zeros((len(z), params.n_classes), np.float32) if f is None else f
     model = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form or form_of(params))
     out, gate, k, score = session(model, GATE, K, SCORE).run(None, feeds(z, f))
-    return out, gate.reshape(-1), k, np.float32(1) + score
+    return out, gate.reshape(-1), k, np.float32(1) + score[:, : params.n_records]
 
 
 FORMS = ("affine", "shift", "collapse")
@@ -820,8 +870,13 @@ def test_canonical_graph_is_valid_onnx(canonical):
     # The parameters, by their canonical names, dtypes and shapes.
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     p = params.n_records
-    assert inits["pe_g0_signs"].dtype == np.int8 and inits["pe_g0_signs"].shape == (M, p)
-    np.testing.assert_array_equal(inits["pe_g0_signs"], params.signs.T)
+    # format 4: one bit per sign, (M, ceil(P/8)) uint8, first record in the high bit, padding 0
+    assert "pe_g0_signs" not in inits
+    packed = inits["pe_g0_signs_packed"]
+    assert packed.dtype == np.uint8 and packed.shape == (M, (p + 7) // 8)
+    bits = np.unpackbits(packed, axis=1)
+    np.testing.assert_array_equal(bits[:, :p], (params.signs.T > 0).astype(np.uint8))
+    assert not bits[:, p:].any()
     assert inits["pe_g0_neg_w"].dtype == np.float32 and inits["pe_g0_neg_w"].shape == (1, p)
     np.testing.assert_array_equal(inits["pe_g0_neg_w"][0], -(params.gamma * np.float32(params.delta / 4)))
     assert inits["pe_g0_inv_delta"].shape == () and inits["pe_g0_inv_delta"] == np.float32(1 / DELTA)
@@ -832,9 +887,12 @@ def test_canonical_graph_is_valid_onnx(canonical):
     if form == "affine":
         assert inits["pe_T_table"].shape == (p, C, C)
         np.testing.assert_array_equal(inits["pe_T_table"], params.T)
-    # One record acts: a TopK (k = 1) over the gates, no product over all records' corrections.
+    # One record acts: an argmax over the gates, no product over all records' corrections (the one
+    # Gemm splits |v|_1 into its (N, 1 + chunks) parts).
     ops = [n.op_type for n in g.node]
-    assert ops.count("TopK") == 1 and ops.count("MatMulInteger") == 1 and "Gemm" not in ops
+    assert ops.count("MatMulInteger") == 1 and ops.count("ArgMax") == 2 and "TopK" not in ops
+    assert [n.input[1] for n in g.node if n.op_type == "Gemm"] == ["pe_g0_l1_split"]
+    assert [n.input[0] for n in g.node if n.op_type == "MatMul"] == (["pe_Tk"] if form == "affine" else [])
     # Same inputs -> same bytes.
     assert build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString() == model.SerializeToString()
 
@@ -878,13 +936,15 @@ def _replace_init(model: onnx.ModelProto, name: str, array: np.ndarray | None) -
         ("pe_g0_inv_delta", np.array(2.0**30, np.float32), r"quantization step expected a power of two 2\^-24\.\.2\^8"),
         ("pe_g0_inv_delta", np.array(np.inf, np.float32), r"quantization step"),
         ("pe_g0_inv_delta", np.array(-256.0, np.float32), r"quantization step"),
-        ("pe_g0_signs", np.zeros((M, 4), np.int8), r"signs must be -1 or \+1, found 44 other values"),
-        ("pe_g0_signs", np.ones((M, 4), np.int16), r"'pe_g0_signs' expected dtype INT8"),
+        ("pe_g0_signs_packed", np.full((M, 1), 0xFF, np.uint8), r"sign padding bits expected 0, found 44 set"),
+        ("pe_g0_signs_packed", np.ones((M, 1), np.int8), r"'pe_g0_signs_packed' expected dtype UINT8 shape \(11, 1\)"),
+        ("pe_g0_signs_packed", np.ones((M, 4), np.uint8), r"'pe_g0_signs_packed' expected dtype UINT8 shape \(11, 1\)"),
         ("pe_g0_neg_w", np.ones((4,), np.float32), r"'pe_g0_neg_w' expected dtype FLOAT shape \(1, 4\)"),
         ("pe_t_table", np.ones((4, C + 1), np.float32), r"'pe_t_table' expected dtype FLOAT shape \(4, 3\)"),
         ("pe_T_table", None, r"expected initializer 'pe_T_table', found none"),
     ],
-    ids=["delta-not-pow2", "delta-too-fine", "delta-inf", "delta-negative", "signs-zero", "signs-int16", "neg_w-shape", "t-shape", "T-missing"],
+    ids=["delta-not-pow2", "delta-too-fine", "delta-inf", "delta-negative", "signs-padding", "signs-int8", "signs-unpacked",
+         "neg_w-shape", "t-shape", "T-missing"],
 )
 def test_extract_params_refuses_non_canonical_tensors(name, array, match):
     params = random_params(np.random.default_rng(7), p=4)
@@ -915,7 +975,9 @@ def test_canonical_graph_matches_reference(canonical):
     assert ((pre > 0.05).sum(axis=1) >= 2).sum() > 20
     sess = session(model, GATE, K, SCORE)
     out, gate, k_dev, score_dev = sess.run(None, feeds(z, f))
-    pre_dev = np.float32(1) + score_dev
+    p = params.n_records
+    assert score_dev.shape == (len(z), -(-p // SELECT_BLOCK) * SELECT_BLOCK) and (score_dev[:, p:] == -np.inf).all()
+    pre_dev = np.float32(1) + score_dev[:, :p]
     assert out.dtype == np.float32 and out.shape == (len(z), C)
     assert gate.shape == (len(z), 1) and k_dev.shape == (len(z),) and k_dev.dtype == np.int64
     # The gate is integer arithmetic and one float32 product: the device's numbers are the reference's.
@@ -926,6 +988,29 @@ def test_canonical_graph_matches_reference(canonical):
     # Batch independence: one row at a time gives the same numbers (dynamic batch).
     single = np.concatenate([sess.run(None, feeds(z[i : i + 1], f[i : i + 1]))[0] for i in range(0, len(z), 37)])
     np.testing.assert_allclose(single, out[::37], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, OPSET])  # ReduceMax's axes: an attribute before 18, an input from it
+def test_block_argmax_is_the_first_max_across_blocks(opset):
+    """k* is the first maximal score of the row, as a TopK would pick it, with 70 records in three blocks
+    (the last one padded): equal gammas and near-boundary inputs make equal scores in different blocks
+    common, so the search for a row where the two-stage argmax picks a later record has many chances."""
+    rng = np.random.default_rng(17)
+    base = random_params(rng, p=70)
+    params = PatchParams(base.signs, np.where(np.arange(70) % 3 == 0, 1.0, 2.0), base.T, base.t, base.scale_log2)
+    z = rng.normal(scale=DELTA, size=(3000, M)).astype(np.float32)
+    z[:200] = np.repeat(params.signs[::7], 20, axis=0) * DELTA  # inside some records' regions (gate 1)
+    f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
+    ref, g, k, pre = reference_patch(z, f, params)
+    model = build_patch_graph(GATED, LOGITS, params, opset, IR, "affine")
+    out, gate, k_dev = session(model, GATE, K).run(None, feeds(z, f))
+    top = pre == pre.max(axis=1, keepdims=True)
+    blocks_at_max = np.array([len(np.unique(np.flatnonzero(row) // SELECT_BLOCK)) for row in top])
+    assert (blocks_at_max >= 2).sum() > 100 and ((blocks_at_max >= 2) & (g > 0)).sum() > 20  # the hard cases occur
+    assert (g == 1).sum() >= 200 and ((g > 0) & (g < 1)).any()
+    np.testing.assert_array_equal(k_dev, k)
+    np.testing.assert_array_equal(gate[:, 0], g)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
 
 
 def test_canonical_graph_closed_gates_are_bit_exact(canonical):
@@ -953,20 +1038,53 @@ def test_canonical_graph_closed_gates_are_bit_exact(canonical):
     assert not np.array_equal(out_open, f[:1])
 
 
+UNPACK_OPS = ["Cast", "Gather", "Reshape", "Slice"]  # the sign unpacking of format 4, all on constants
+
+
 def test_canonical_graph_already_simple(canonical):
-    """onnxsim finds nothing to fold: no node has only constant inputs (the int8 signs feed MatMulInteger
-    as stored, the tables are gathered by the data-dependent k*), so every node survives."""
+    """onnxsim folds exactly the parameter path (format 4's sign unpacking, then the signs padded and
+    stacked over the |v|_1 rows of the integer product, the weights negated and padded: constants
+    onnxruntime folds at load too), never a node that reads the data (the tables are gathered by the
+    data-dependent k*)."""
     onnxsim = pytest.importorskip("onnxsim")
     params, model, form = canonical
     simplified, ok = onnxsim.simplify(copy.deepcopy(model))
     assert ok
-    constant = {i.name for i in model.graph.initializer}
-    assert not [n.op_type for n in model.graph.node if all(i in constant for i in n.input)]
-    assert len(simplified.graph.node) >= len(model.graph.node) - sum(n.op_type == "Flatten" for n in model.graph.node)
+    constant, folded = {i.name for i in model.graph.initializer}, []
+    for n in model.graph.node:  # topological order: constants propagate
+        if all(i in constant for i in n.input if i):
+            folded.append(n.name)
+            constant.update(n.output)
+    unpack = [n.name for n in model.graph.node if n.name.startswith(PREFIX + "g0_signs") and n.op_type in UNPACK_OPS]
+    assert sorted(n.op_type for n in model.graph.node if n.name in unpack) == sorted(UNPACK_OPS)
+    params_path = [PREFIX + "g0_" + k for k in ("signs_pad", "l1_rows", "b", "pos_w0", "pos_w")]
+    assert sorted(folded) == sorted(unpack + params_path)
+    tables = {i.name: numpy_helper.to_array(i) for i in simplified.graph.initializer}
+    m, p = params.signs.shape[1], params.signs.shape[0]
+    np.testing.assert_array_equal(tables[PREFIX + "g0_b"][:m, :p], params.signs.T)  # the unpacked signs, exactly
+    flattens = sum(n.op_type == "Flatten" for n in model.graph.node)
+    assert len(simplified.graph.node) >= len(model.graph.node) - len(folded) - flattens
     rng = np.random.default_rng(5)
     z = rng.normal(scale=DELTA, size=(16, M)).astype(np.float32)
     f = rng.normal(size=(16, C)).astype(np.float32)
     np.testing.assert_allclose(session(simplified).run(None, feeds(z, f))[0], session(model).run(None, feeds(z, f))[0], atol=1e-6)
+
+
+def test_sign_unpacking_is_folded_by_onnxruntime(canonical, tmp_path):
+    """The runtime's session (full optimisation) folds the sign unpacking, and the parameter path after
+    it, into the int8 operand of the integer product at creation: the graph that runs has no sign lookup
+    left, so packed storage costs no inference time."""
+    params, model, form = canonical
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # as far as is portable to save
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(tmp_path / "opt.onnx")
+    inits = {i.name: i for i in opt.graph.initializer}
+    assert not [n.name for n in opt.graph.node if n.name.startswith("pe_g0_signs")]
+    assert "pe_g0_sign_lut" not in inits and "pe_g0_signs_packed" not in inits
+    m, p = params.signs.shape[1], params.signs.shape[0]
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["pe_g0_b"])[:m, :p], params.signs.T)
 
 
 def test_gate_quantization_is_exactly_the_reference(canonical):
@@ -984,8 +1102,9 @@ def test_gate_quantization_is_exactly_the_reference(canonical):
     z[41] = 0.0
     z[42:60] = rng.choice([0.0, -1e-3 * step, step / 2, -step / 2, step, -step, 63.75 * step, -64.5 * step], size=(18, M))
     z = z.astype(np.float32)
-    sess = session(model, V, EXCESS)
-    _, v_dev, excess_dev = sess.run(None, feeds(z, np.zeros((len(z), C), np.float32)))
+    sess = session(model, VA, NEXCESS)
+    _, va_dev, nexcess_dev = sess.run(None, feeds(z, np.zeros((len(z), C), np.float32)))
+    v_dev, excess_dev = va_dev[:, :M], -nexcess_dev[:, : params.n_records]
     v = quantize(z, params.scale_log2)
     np.testing.assert_array_equal(v_dev.astype(np.int32) - 128, v)
     assert ((v % 2 == 1) | (v == -128)).all() and v.min() == -128 and v.max() == 127
@@ -1224,17 +1343,18 @@ def test_cheap_forms_are_exact():
     assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, np.zeros((4, C)))) == "affine"
 
 
-# sha256 of the canonical graphs of fixed parameters, as format 3 writes them (measured on the code that
-# introduced format 3). A device re-builds this graph to check a file's structure, so any change here
-# refuses every patch already shipped: it must come with a new format version, not silently.
-FORMAT3_CANONICAL_SHA256 = {
-    "affine": "8736eae21b4b7a3fbbb0cf8fe552a7458b785a9ded4f460113d7d965bd9eafb6",
-    "shift": "4196849265d1320e0ba7e45c42a677569c28d96c8f2bb268457d35d2af09e747",
-    "collapse": "d38d5c58e2955c73b334b65d25f38eaf897e313773724639c0a7441cd7b78d87",
+# sha256 of the canonical graphs of fixed parameters, as format 4 writes them (measured on the code that
+# introduced format 4: bit-packed signs, the block argmax and the |v|_1 columns of the integer product). A
+# device re-builds this graph to check a file's structure, so any change here refuses every patch already
+# shipped: it must come with a new format version, not silently.
+FORMAT4_CANONICAL_SHA256 = {
+    "affine": "0b9efa181ce15eafd108c6ba642b314f3670f93b4d3f4999b35c227e18d9aaa3",
+    "shift": "c4cbc5d1690d41c66840fe2e6e5a4d993db212c8dbdb6b9915701eb01bc5bf1d",
+    "collapse": "a2cd5a68f988746c2a0e430c266becafbbd94a5b09baf38cc9ad61bec3cd2cea",
 }
 
 
-@pytest.mark.parametrize("form", sorted(FORMAT3_CANONICAL_SHA256))
+@pytest.mark.parametrize("form", sorted(FORMAT4_CANONICAL_SHA256))
 def test_canonical_graph_bytes_are_pinned(form):
     params = random_params(np.random.default_rng(7), p=3)
     if form != "affine":
@@ -1242,4 +1362,70 @@ def test_canonical_graph_bytes_are_pinned(form):
         T = np.zeros_like(params.T) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), params.T.shape).copy()
         params = dataclasses.replace(params, T=T)
     data = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString()
-    assert hashlib.sha256(data).hexdigest() == FORMAT3_CANONICAL_SHA256[form]
+    assert hashlib.sha256(data).hexdigest() == FORMAT4_CANONICAL_SHA256[form]
+
+
+# The canonical suppression graphs: constant margins exactly as before the affine form existed (digests
+# measured on the code before it), the affine form as introduced. Same rule as above: a change refuses
+# every suppression already shipped.
+SUPPRESS_CANONICAL_SHA256 = {
+    "constant-1": "5b28eabf1618b2cd297128fae72e682ce91ce98e191d514f3e9573d65d40d3d0",
+    "constant-0-2": "7d61ad850986310783cd55238c148941ecea3c1e6b771eb30fa6fbaaeba6c348",
+    "affine-0-2": "f1957ac60d3f486279b7380fa4f718ee4ebe681fe773082f6948db9cbc8f65c1",
+}
+
+
+def _suppress_params(key: str):
+    from prune_edge.runtime.patchgraph import SuppressParams
+
+    if key == "constant-1":
+        return SuppressParams(np.array([1]), np.array([1.0], np.float32))
+    if key == "constant-0-2":
+        return SuppressParams(np.array([0, 2]), np.array([2.5, 0.75], np.float32))
+    rng = np.random.default_rng(7)
+    return SuppressParams(np.array([0, 2]), np.array([2.5, 0.75], np.float32), rng.normal(size=(2, C)), rng.normal(size=2))
+
+
+@pytest.mark.parametrize("key", sorted(SUPPRESS_CANONICAL_SHA256))
+def test_canonical_suppression_bytes_are_pinned(key):
+    from prune_edge.runtime.patchgraph import build_suppress_graph, extract_suppress_params
+
+    params = _suppress_params(key)
+    graph = build_suppress_graph(LOGITS, params, C, OPSET, IR)
+    assert hashlib.sha256(graph.SerializeToString()).hexdigest() == SUPPRESS_CANONICAL_SHA256[key]
+    back = extract_suppress_params(graph, C)  # the device reads back exactly the numbers it was built from
+    assert np.array_equal(back.classes, params.classes) and np.array_equal(back.margin, params.margin)
+    assert back.affine == params.affine
+    if params.affine:
+        assert np.array_equal(back.weights, params.weights) and np.array_equal(back.bias, params.bias)
+
+
+def test_affine_suppression_manifest_round_trip(tiny):
+    """The affine part survives to_json/from_json exactly (float32 values through JSON); a constant
+    margin's document has no affine key; a malformed affine part is refused with its path."""
+    from prune_edge.exporters.patch_export import BaseRef, build_suppression_patch
+
+    ref = BaseRef("ab" * 32, OPSET, IR, LOGITS, C, ())
+    request = {**tiny[0].request, "kind": "class", "classes": [0, 2], "strategy": "suppress"}  # the format's id fields
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(2, C)).astype(np.float32), rng.normal(size=2).astype(np.float32)
+    m, data = build_suppression_patch(ref, [2, 0], 1.5, -8, -1000.0, -1.0, request, affine=(w[::-1], b[::-1]))
+    assert m.suppress["classes"] == [0, 2]
+    assert np.array_equal(np.array(m.suppress["affine"]["weights"], np.float32), w)  # rows follow the sorted classes
+    again = Manifest.from_json(json.loads(json.dumps(m.to_json())))
+    assert again == m and again.to_json() == m.to_json()
+    assert unpack(data).manifest == m
+    plain, _ = build_suppression_patch(ref, [0, 2], 1.5, -8, -1000.0, -1.0, request)
+    assert set(plain.to_json()["suppress"]) == {"classes", "margin"}
+    doc = m.to_json()
+    doc["suppress"]["affine"]["weights"] = doc["suppress"]["affine"]["weights"][:1]
+    with pytest.raises(PatchVerificationError, match=r"suppress.affine.weights: expected one row per class \(2\)"):
+        Manifest.from_json(doc)
+    doc = m.to_json()
+    doc["suppress"]["affine"]["weights"][1] = doc["suppress"]["affine"]["weights"][1][:-1]
+    with pytest.raises(PatchVerificationError, match=r"suppress.affine.weights\[1\]: expected a list of 3 numbers"):
+        Manifest.from_json(doc)
+    doc = m.to_json()
+    doc["suppress"]["affine"]["scale"] = 2.0
+    with pytest.raises(PatchVerificationError, match="scale"):
+        Manifest.from_json(doc)

@@ -44,6 +44,7 @@ from prune_edge.runtime.patchgraph import (  # noqa: E402
     PatchParams,
     affine_from_scales,
     build_patch_graph,
+    completed_spec,
     extract_params,
     OUTPUT_NAME,
     PREFIX,
@@ -345,16 +346,36 @@ def _replace_initializer(model, name, change) -> None:
     init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init).copy()), init.name))
 
 
-def _tamper_signs_zero(model, c):
+def _tamper_sign_lut_zero(model, c):
     def drop(arr):
-        arr[:5, 0] = 0  # drop five neurons from record 0's region: a larger region than certified
+        arr[:, 0] = 0  # every byte's high bit read as 0: record 0 ignores those neurons, a larger region
         return arr
 
-    _replace_initializer(model, G0 + "signs", drop)
+    _replace_initializer(model, G0 + "sign_lut", drop)
 
 
 def _tamper_signs_float(model, c):
-    _replace_initializer(model, G0 + "signs", lambda arr: arr.astype(np.float32))
+    _replace_initializer(model, G0 + "signs_packed", lambda arr: arr.astype(np.float32))
+
+
+def _tamper_signs_unpacked(model, c):
+    """Format 3's int8 sign table in place of the packed bits and their unpacking."""
+    unpacked = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == G0 + "signs_packed"))
+    signs = (2 * np.unpackbits(unpacked, axis=1).astype(np.int8) - 1)
+    keep = [n for n in model.graph.node if not n.name.startswith(G0 + "signs")]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    inits = [i for i in model.graph.initializer if not i.name.startswith(G0 + "sign")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits + [numpy_helper.from_array(signs, G0 + "signs")])
+
+
+def _tamper_sign_padding(model, c):
+    def pad(arr):
+        arr[:, -1] |= 1  # the last byte's low bit: padding unless the record count is a multiple of 8
+        return arr
+
+    _replace_initializer(model, G0 + "signs_packed", pad)
 
 
 def _tamper_delta_not_power_of_two(model, c):
@@ -387,8 +408,10 @@ STRUCTURE_TAMPERS = {
     "clip-to-identity": (_tamper_relu_to_identity, r"not the canonical"),
     "reducesum-keepdims": (_tamper_keepdims, r"not the canonical"),
     "unused-initializer": (_tamper_unused_initializer, r"expected \d+ initializers, found \d+ \(extra \[.*spare"),
-    "signs-zero": (_tamper_signs_zero, r"signs must be -1 or \+1, found 5 other values"),
-    "signs-float": (_tamper_signs_float, r"expected dtype INT8"),
+    "sign-lut-zero": (_tamper_sign_lut_zero, r"not the canonical"),
+    "signs-float": (_tamper_signs_float, r"'pe_g0_signs_packed' expected dtype UINT8"),
+    "signs-unpacked": (_tamper_signs_unpacked, r"expected initializer 'pe_g0_signs_packed', found none"),
+    "sign-padding": (_tamper_sign_padding, r"sign padding bits expected 0, found \d+ set|not the canonical"),
     "delta-not-power-of-two": (_tamper_delta_not_power_of_two, r"quantization step expected a power of two"),
     "opset": (_tamper_opset, r"not the canonical"),
     "doc-string": (_tamper_doc_string, r"not the canonical"),
@@ -474,31 +497,40 @@ def test_undecodable_graph_refused(patches, mlp_bundle, tmp_path):
 
 
 # ----------------------------------------------------------------------------- certificate tampering
-def _cert_beta_in_manifest(manifest, graph):
+def _shifts(manifest, graph, k: int = 0) -> np.ndarray:
+    """Record k's shifts (P t, then the mean row) as the device computes them from the graph's t."""
+    rec = manifest.records[k]
+    return completed_spec(rec.target, manifest.n_classes) @ params_of(manifest, graph).t[k].astype(np.float64)
+
+
+def _cert_upper_in_manifest(manifest, graph):
+    """prune: record 0's stored upper bound raised (what format 3's beta edit became: the manifest's
+    certificate numbers no longer fit the graph's shift)."""
     rec = manifest.records[0]
-    beta = (rec.beta[0] + 0.5, *rec.beta[1:])
-    return {"records": replace_record(manifest, 0, beta=beta)}, graph
+    return {"records": replace_record(manifest, 0, upper=(rec.upper[0] + 0.5, *rec.upper[1:]))}, graph
 
 
 def _cert_t_in_graph(manifest, graph):
+    """A non-target entry of record 0's t raised: its row moves up, past q_upper."""
     t = params_of(manifest, graph).t.copy()
-    t[0, 0] += 0.5
+    t[0, (manifest.records[0].target + 1) % manifest.n_classes] += 0.5
     return {}, with_params(manifest, graph, t=t)
 
 
 def _cert_consistent_spec_violation(manifest, graph):
-    """Move record 0 so the target no longer wins, updating beta AND the graph's t consistently."""
+    """Move record 0 so the target no longer wins: the graph's t shifted as PRUNE's closed form would
+    for a larger beta (the manifest has nothing to keep consistent in format 4)."""
     rec = manifest.records[0]
     # Shift every row by more than its certified width: on the whole region each row e_j - e_target
     # becomes positive, i.e. every other class beats the target.
     width = 0.0 if rec.lower is None else np.asarray(rec.upper) - np.asarray(rec.lower)
-    new_beta = np.asarray(rec.beta) + width + 2.0 * abs(manifest.q_upper) + 5.0
+    b = _shifts(manifest, graph)
+    new_beta = b[:-1] + width + 2.0 * abs(manifest.q_upper) + 5.0
     p = params_of(manifest, graph)
-    T0, t0 = affine_from_scales(rec.target, np.asarray(rec.alpha), new_beta, rec.mean_scale, rec.mean_shift, manifest.n_classes)
+    T0, t0 = affine_from_scales(rec.target, np.asarray(rec.alpha), new_beta, rec.mean_scale, b[-1], manifest.n_classes)
     T, t = p.T.copy(), p.t.copy()
     T[0], t[0] = T0, t0
-    new = with_params(manifest, graph, T=T, t=t)
-    return {"records": replace_record(manifest, 0, beta=tuple(new_beta.tolist()))}, new
+    return {}, with_params(manifest, graph, T=T, t=t)
 
 
 def _cert_nan_t_in_graph(manifest, graph):
@@ -510,19 +542,19 @@ def _cert_nan_t_in_graph(manifest, graph):
 
 
 def _cert_spec_within_float_slack(manifest, graph):
-    """Record 0's stored t moved so one patched row ends 1e-4 above q_upper, and beta with it: within
-    the policy's absolute tolerance of the algebra, but the spec is checked on the stored t with no
-    tolerance (q_upper < 0 is the margin itself)."""
+    """Record 0's stored t moved so one patched row ends 1e-4 above q_upper: the spec is checked on the
+    stored t with no tolerance (q_upper < 0 is the margin itself)."""
     rec = manifest.records[0]
     p = params_of(manifest, graph)
     upper = np.zeros(manifest.n_classes - 1) if rec.upper is None else np.asarray(rec.upper)
     alpha = np.asarray(rec.alpha)
-    beta = np.asarray(rec.beta).copy()
+    b = _shifts(manifest, graph)
+    beta = b[:-1].copy()
     beta[0] = manifest.q_upper + 1e-4 - alpha[0] * upper[0]  # row 0 patched to q_upper + 1e-4 at its top
-    T0, t0 = affine_from_scales(rec.target, alpha, beta, rec.mean_scale, rec.mean_shift, manifest.n_classes)
+    T0, t0 = affine_from_scales(rec.target, alpha, beta, rec.mean_scale, b[-1], manifest.n_classes)
     T, t = p.T.copy(), p.t.copy()
     T[0], t[0] = T0, t0
-    return {"records": replace_record(manifest, 0, beta=tuple(beta.tolist()))}, with_params(manifest, graph, T=T, t=t)
+    return {}, with_params(manifest, graph, T=T, t=t)
 
 
 def _cert_gamma_in_manifest(manifest, graph):
@@ -546,7 +578,8 @@ def _cert_alpha_above_one(manifest, graph):
     alpha = np.asarray(rec.alpha).copy()
     alpha[0] = 1.5
     p = params_of(manifest, graph)
-    T0, t0 = affine_from_scales(rec.target, alpha, np.asarray(rec.beta), rec.mean_scale, rec.mean_shift, manifest.n_classes)
+    b = _shifts(manifest, graph)
+    T0, t0 = affine_from_scales(rec.target, alpha, b[:-1], rec.mean_scale, b[-1], manifest.n_classes)
     T, t = p.T.copy(), p.t.copy()
     T[0], t[0] = T0, t0
     params = dataclasses.replace(p, T=T, t=t)
@@ -564,25 +597,26 @@ def _cert_collapse_alpha(manifest, graph):
     return {"records": replace_record(manifest, 0, alpha=(0.5, *rec.alpha[1:]))}, graph
 
 
-def _cert_mean_shift(manifest, graph):
+def _cert_mean_scale(manifest, graph):
     rec = manifest.records[0]
-    return {"records": replace_record(manifest, 0, mean_shift=rec.mean_shift + 1.0)}, graph
+    return {"records": replace_record(manifest, 0, mean_scale=rec.mean_scale + 0.5)}, graph
 
 
-ALGEBRA = r"P\(I\+T\) = diag\(alpha\) P, or P t = beta within 0\.001, does not hold"
+ALGEBRA = r"P\(I\+T\) = diag\(alpha\) P does not hold within 1e-05"
+SPEC = r"patched rows expected inside"
 CERT_TAMPERS = {
-    "beta-in-manifest": (("prune", "collapse"), _cert_beta_in_manifest, r"record 0 .*" + ALGEBRA),
-    "t-in-graph": (("prune", "collapse"), _cert_t_in_graph, r"record 0 .*" + ALGEBRA),
+    "upper-in-manifest": (("prune",), _cert_upper_in_manifest, r"record 0 .*" + SPEC),
+    "t-in-graph": (("prune", "collapse"), _cert_t_in_graph, r"record 0 .*" + SPEC),
     "consistent-spec-violation": (("prune", "collapse"), _cert_consistent_spec_violation, r"record 0 .*patched rows expected inside"),
     "spec-within-float-slack": (("prune", "collapse"), _cert_spec_within_float_slack, r"record 0 .*patched rows expected inside \[-1000, -1\], found \[.*, -0\.9999"),
     "gamma-in-manifest": (("prune", "collapse"), _cert_gamma_in_manifest, r"record 0 .*expected gamma"),
     "gamma-in-graph": (("prune", "collapse"), _cert_gamma_in_graph, r"record 1 .*expected gamma"),
     # prune: T depends on the target (closed form); collapse: T = -I for any target, P t moves
-    "target": (("prune", "collapse"), _cert_target, r"record 0 .*(closed form|" + ALGEBRA + ")"),
+    "target": (("prune", "collapse"), _cert_target, r"record 0 .*(closed form|" + ALGEBRA + "|" + SPEC + ")"),
     "alpha-above-one": (("prune",), _cert_alpha_above_one, r"record 0 .*0 < alpha <= 1"),
     "bounds-swapped": (("prune",), _cert_bounds_swapped, r"record 0 .*lower <= upper"),
     "collapse-alpha": (("collapse",), _cert_collapse_alpha, r"record 0 .*collapse expects alpha = 0"),
-    "mean-shift": (("collapse",), _cert_mean_shift, r"record 0 .*" + ALGEBRA),
+    "mean-scale": (("prune", "collapse"), _cert_mean_scale, r"record 0 .*(prune expects 0 < alpha <= 1 and mean scale 1|collapse expects alpha = 0)"),
 }
 
 
@@ -612,13 +646,13 @@ def test_manifest_edit_without_new_id_refused(patches, mlp_bundle, tmp_path):
     """The patch id is derived from the signed content: an edit that keeps the old id (and digest)
     is refused by the format check, before any graph byte is read."""
     manifest, graph = parts(patches["prune"][0])
-    changes, _ = _cert_beta_in_manifest(manifest, graph)
+    changes, _ = _cert_upper_in_manifest(manifest, graph)
     path = repack(tmp_path / "stale-id.pepatch", manifest, graph, rehash=False, **changes)
     match = r"patch_id: expected [0-9a-f]{32} \(sha256 of the manifest's content\), found '" + manifest.patch_id
     assert_refused(path, mlp_bundle.onnx_path, PatchFormatError, "format", match)
     # the same edit with the id re-derived passes the format check and reaches the certificate
     rehashed = repack(tmp_path / "new-id.pepatch", manifest, graph, **changes)
-    assert_refused(rehashed, mlp_bundle.onnx_path, CertificateError, "certificate", ALGEBRA)
+    assert_refused(rehashed, mlp_bundle.onnx_path, CertificateError, "certificate", SPEC)
 
 
 def _record0_points(base: BaseGraph, honest: VerifiedPatch, x: np.ndarray) -> np.ndarray:

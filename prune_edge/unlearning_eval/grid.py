@@ -59,9 +59,15 @@ CLASS_METHODS = {
                               "recipe": "two patches a device runs together: prune-unseen's records for the class's training points (constants of models trained without the class), then a suppression patch whose margin makes a loss attack on the server's own data unable to tell the records' outputs from suppressed out-of-fold outputs of the class's points (rule match: AUC 0.5 on a 0.1 grid; no test point read)"},
     "prune-suppress-unseen-median": {"paper": "this project (prune_edge.targets, prune_edge.suppress)",
                                      "recipe": "prune-suppress-unseen with the margin = median over the class's training points of (best other - class logit) of the models trained without the class (rule median)"},
+    "prune-suppress-affine": {"paper": "this project (prune_edge.suppress, prune_edge.targets.fit_affine_suppression)",
+                              "recipe": "one suppression patch whose margin follows the input: max(1, w . f(x) + b), w and b fitted by least squares on the class's training points only (target: the gap models trained without the class give them; features: the base's logits); no records"},
+    "prune-suppress-unseen-affine": {"paper": "this project (prune_edge.targets, prune_edge.suppress)",
+                                     "recipe": "prune-unseen's records for the class's training points, then prune-suppress-affine's suppression (its margin reads the records' outputs on their regions)"},
 }
 # class methods whose margin (or records) come from the class calibration: method -> margin rule
-CALIBRATED_CLASS_METHODS = {"prune-suppress-cal": "match", "prune-suppress-unseen": "match", "prune-suppress-unseen-median": "median"}
+CALIBRATED_CLASS_METHODS = {"prune-suppress-cal": "match", "prune-suppress-unseen": "match", "prune-suppress-unseen-median": "median",
+                            "prune-suppress-affine": "affine", "prune-suppress-unseen-affine": "affine"}
+SUPPRESSION_ONLY_METHODS = ("prune-suppress-cal", "prune-suppress-affine")  # calibrated, but no records
 PRUNE_RECIPES.update(CLASS_METHODS)
 ALL_METHODS = (*PRUNE_METHODS, *CLASS_METHODS, *BASELINES)
 
@@ -203,26 +209,33 @@ def task_method(folder: str, method: str, request: str, seed: int) -> dict[str, 
         kind, num = parse_forget(request)
         path = Path(folder) / "patches" / f"{method}-{request.replace(':', '')}.pepatch"
         path.parent.mkdir(exist_ok=True)
-        margin, records, seconds, nbytes, n_records = DEFAULT_MARGIN, [], 0.0, 0, 0
+        margin, records, seconds, nbytes, n_records, affine = DEFAULT_MARGIN, [], 0.0, 0, 0, None
         if method in CALIBRATED_CLASS_METHODS:
+            from ..runtime.policy import DEFAULT_POLICY
             from ..synth import SynthConfig
-            from ..targets import ClassCalibration, UnseenCalibration, class_calibration_name, class_suppression_margin
+            from ..targets import (ClassCalibration, UnseenCalibration, class_calibration_name, class_suppression_margin,
+                                   fit_affine_suppression)
             from ..unlearn import build_point_patch
             from .ulira import _with_calibration
 
             t0 = time.perf_counter()
             point = UnseenCalibration.load(Path(folder) / "unseen-calibration.npz").logits
             ccal = ClassCalibration.load(Path(folder) / class_calibration_name([num]))
-            margin = class_suppression_margin(ccal.logits, point[ccal.ids], ds.y_train[ccal.ids], [num],
-                                              CALIBRATED_CLASS_METHODS[method])
+            if CALIBRATED_CLASS_METHODS[method] == "affine":  # margin = its floor; w, b on the class's training points
+                base_f = PatchedModel(onnx).logits(ds.x_train[ccal.ids])
+                affine = fit_affine_suppression(base_f, ccal.logits, ds.y_train[ccal.ids], [num], DEFAULT_POLICY.max_abs_T,
+                                                DEFAULT_POLICY.max_abs_t)
+            else:
+                margin = class_suppression_margin(ccal.logits, point[ccal.ids], ds.y_train[ccal.ids], [num],
+                                                  CALIBRATED_CLASS_METHODS[method])
             seconds += time.perf_counter() - t0
-            if method != "prune-suppress-cal":  # the class's training points: prune-unseen's records
+            if method not in SUPPRESSION_ONLY_METHODS:  # the class's training points: prune-unseen's records
                 rec_path = path.with_name(path.stem + "-records.pepatch")
                 rep = build_point_patch(bundle, ids, SynthConfig(mode="collapse", seed=seed, target="unseen"), rec_path,
                                         device="cpu", progress=False, evaluate=False, synth=_with_calibration(ccal.apply(point)))
                 records, n_records = [rec_path], rep["records"]
                 seconds, nbytes = seconds + rep["build_seconds"], rep["patch_bytes"]
-        rep = build_class_suppression(bundle, [num], path, margin=margin, after=records, evaluate=False)
+        rep = build_class_suppression(bundle, [num], path, margin=margin, after=records, evaluate=False, affine=affine)
         patches = [*records, path]
         check_patch_set([verify_patch(p, bundle.graph) for p in patches])  # the device's checks, as a set; raises if any fails
         model = PatchedModel(onnx, patches)
