@@ -50,6 +50,8 @@ def test_quick_report_structure(quick_run):
     assert "Acceptance (prune-unseen-pointcal vs retrain" in report  # the class request's contrast
     for name in ("forget_vs_test.png", "roc.png", "cost.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (out / "forget_vs_test.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "retrain" in svg  # the text copy docs can carry
     assert "retrain" in stdout and "wrote" in stdout
 
 

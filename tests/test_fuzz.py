@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as hs
 
 from prune_edge.runtime import BaseGraph, PatchVerificationError, unpack, verify_patch
@@ -119,6 +119,7 @@ byte_edits = hs.lists(
 
 
 PACKED_SIGNS = PREFIX + "g0_signs_packed"
+VALUE_TABLES = {PACKED_SIGNS, PREFIX + "t_table"}
 
 
 def apply_edits(data: bytes, edits) -> bytes:
@@ -246,13 +247,17 @@ def test_arbitrary_json_manifest_refused_by_name(honest, doc):
 # ----------------------------------------------------------------------------- 3. the graph
 @fuzz_settings(200)
 @given(edits=byte_edits)
+@example(edits=[("flip", 3100, 0)]).via("a pattern bit, found by this test")
+@example(edits=[("flip", 7023, 0)]).via("a low bit of t, found by this test")
 def test_mutated_graph_with_updated_digest_refused_or_original(honest, base, edits):
     """The attacker edits ONNX bytes and updates the digest, size and patch id: the structure check
-    (graph == canonical graph of its own parameters) refuses every graph but the original, and but one
-    whose only change is pattern bits. Format 4 stores one bit per sign, so a flipped bit is another
-    well-formed pattern: which region a record gates is the server's word, as its bounds are (the
-    delivery's signatures bind the file to its publisher), and the patch that passes reads back with
-    exactly those bits."""
+    (graph == canonical graph of its own parameters) refuses every graph but the original, and but one whose
+    only change is in the two value tables whose meaning the device checks or leaves to the server: the pattern
+    bits (format 4 stores one bit per sign, so a flipped bit is another well-formed pattern; which region a
+    record gates is the server's word, as its bounds are) and the t table (a record's shift: a flipped low bit
+    can keep the specification, and the certificate is checked on the stored t itself). Such a file is another
+    well-formed patch, and its certificate must hold on the numbers it runs, re-checked here from scratch.
+    (The delivery's signatures are what bind a file to its publisher.)"""
     pf = read_patch_file_bytes(honest)
     graph = apply_edits(pf["graph"], edits)
     signed = dict(pf["signed"], graph={**pf["signed"]["graph"], "sha256": sha256_bytes(graph), "bytes": len(graph)})
@@ -261,13 +266,20 @@ def test_mutated_graph_with_updated_digest_refused_or_original(honest, base, edi
     out = bounded(lambda: verify_patch(unpack(data, "fuzz"), base))
     if not isinstance(out, PatchVerificationError) and graph != pf["graph"]:
         honest_g, got_g = onnx.load_from_string(pf["graph"]), onnx.load_from_string(graph)
-        changed = [a.name for a, b in zip(honest_g.graph.initializer, got_g.graph.initializer) if a != b]
-        assert changed == [PACKED_SIGNS], f"an altered patch graph was accepted (changed: {changed})"
+        changed = {a.name for a, b in zip(honest_g.graph.initializer, got_g.graph.initializer) if a != b}
+        assert changed and changed <= VALUE_TABLES, f"an altered patch graph was accepted (changed: {sorted(changed)})"
         bits = numpy_helper.to_array(next(i for i in got_g.graph.initializer if i.name == PACKED_SIGNS))
-        for g in (honest_g, got_g):  # everything but the pattern bits is the honest graph
-            g.graph.initializer.remove(next(i for i in g.graph.initializer if i.name == PACKED_SIGNS))
+        for g in (honest_g, got_g):  # everything but those tables is the honest graph
+            for name in changed:
+                g.graph.initializer.remove(next(i for i in g.graph.initializer if i.name == name))
         assert honest_g == got_g, "an altered patch graph was accepted"
-        assert np.array_equal(out.params.signs, unpack_signs(bits, len(out.manifest.records)))
+        m = out.manifest
+        assert np.array_equal(out.params.signs, unpack_signs(bits, len(m.records)))
+        for k, rec in enumerate(m.records):  # the target wins on the region with the shift the graph applies
+            t = out.params.t[k].astype(np.float64)
+            shift = np.delete(t, rec.target) - t[rec.target]  # rows e_j - e_target, j != target in order
+            top = np.asarray(rec.alpha) * np.asarray(rec.upper) + shift if m.mode == "prune" else shift
+            assert (top <= m.q_upper).all(), f"record {k}: an accepted shift breaks the specification"
 
 
 def test_fuzz_reaches_past_the_container(honest, base):

@@ -133,7 +133,7 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    made["forget_vs_test"] = _save(fig, out / "forget_vs_test.png")
+    made["forget_vs_test"] = _save(fig, out / "forget_vs_test.png", svg=True)
     attacks = ("loss", "lira", "ulira") if any("ulira" in sc for r in reqs for sc in results["requests"][r]["scores_seed0"].values()) \
         else ("loss", "lira")
     titles = {"loss": "loss-threshold", "lira": "LiRA", "ulira": "U-LiRA"}
@@ -182,11 +182,16 @@ def _style(method: str, i: int) -> dict[str, Any]:
     return {"color": color, "marker": _MARKERS[i % len(_MARKERS)]}
 
 
-def _save(fig: Any, path: Path) -> str:
+def _save(fig: Any, path: Path, svg: bool = False) -> str:
+    """PNG for people; ``svg``: also a text copy next to it (what docs can carry in git, where binaries may not go)."""
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+    if svg:
+        # text as text (small, searchable), no timestamp: the same results give the same bytes
+        with atomic_path(path.with_suffix(".svg")) as tmp, plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "prune-edge"}):
+            fig.savefig(tmp, format="svg", metadata={"Date": None})
     plt.close(fig)
     return str(path)
 
