@@ -494,6 +494,21 @@ def build_patch_graph(
     )
 
 
+def _read_init(inits: dict[str, TensorProto], key: str, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A received initializer by its canonical name, inline, of exactly this dtype and shape."""
+    tensor = inits.get(key)
+    if tensor is None:
+        raise StructureError(f"patch graph: expected initializer {key!r}, found none")
+    if tensor.data_location == TensorProto.EXTERNAL:
+        raise StructureError(f"patch graph: initializer {key!r} uses external data; expected inline")
+    if tensor.data_type != dtype or tuple(tensor.dims) != shape:
+        raise StructureError(
+            f"patch graph: initializer {key!r} expected dtype {TensorProto.DataType.Name(dtype)} shape "
+            f"{shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
+        )
+    return numpy_helper.to_array(tensor)
+
+
 def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_classes: int, form: str) -> PatchParams:
     """Read the parameters of a received graph by their canonical names; shapes and dtypes must fit."""
     g0 = PREFIX + "g0_"
@@ -506,19 +521,7 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
     }
     if form == "affine":
         expected[PREFIX + "T_table"] = (TensorProto.FLOAT, (n_records, n_classes, n_classes))
-    arrays = {}
-    for key, (dtype, shape) in expected.items():
-        tensor = inits.get(key)
-        if tensor is None:
-            raise StructureError(f"patch graph: expected initializer {key!r}, found none")
-        if tensor.data_location == TensorProto.EXTERNAL:
-            raise StructureError(f"patch graph: initializer {key!r} uses external data; expected inline")
-        if tensor.data_type != dtype or tuple(tensor.dims) != shape:
-            raise StructureError(
-                f"patch graph: initializer {key!r} expected dtype {TensorProto.DataType.Name(dtype)} "
-                f"shape {shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
-            )
-        arrays[key] = numpy_helper.to_array(tensor)
+    arrays = {key: _read_init(inits, key, dtype, shape) for key, (dtype, shape) in expected.items()}
     inv_delta = float(arrays[g0 + "inv_delta"])
     mantissa, exponent = np.frexp(inv_delta) if np.isfinite(inv_delta) and inv_delta > 0 else (0.0, 0)
     scale_log2 = 1 - int(exponent)  # 1/delta = 0.5 * 2^exponent
@@ -736,31 +739,17 @@ def build_suppress_graph(logits_name: str, params: SuppressParams, n_classes: in
     )
 
 
-def _suppress_init(inits: dict[str, TensorProto], key: str, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
-    tensor = inits.get(key)
-    if tensor is None:
-        raise StructureError(f"patch graph: expected initializer {key!r}, found none")
-    if tensor.data_location == TensorProto.EXTERNAL:
-        raise StructureError(f"patch graph: initializer {key!r} uses external data; expected inline")
-    if tensor.data_type != dtype or tuple(tensor.dims) != shape:
-        raise StructureError(
-            f"patch graph: initializer {key!r} expected dtype {TensorProto.DataType.Name(dtype)} shape "
-            f"{shape}, found {TensorProto.DataType.Name(tensor.data_type)} {tuple(tensor.dims)}"
-        )
-    return numpy_helper.to_array(tensor)
-
-
 def extract_suppress_params(model: onnx.ModelProto, n_classes: int) -> SuppressParams:
     """The classes and margins a received suppression graph carries (its mask and margin tables, and
     for the affine form its weights, bias and floor); the canonical rebuild checks everything else."""
     inits = {t.name: t for t in model.graph.initializer}
-    mask = _suppress_init(inits, SUPPRESS_PREFIX + "mask", TensorProto.BOOL, (n_classes,))
+    mask = _read_init(inits, SUPPRESS_PREFIX + "mask", TensorProto.BOOL, (n_classes,))
     classes = np.flatnonzero(mask).astype(np.int64)
     if SUPPRESS_PREFIX + "weights" not in inits:
-        margin = _suppress_init(inits, SUPPRESS_PREFIX + "margin", TensorProto.FLOAT, (n_classes,))
+        margin = _read_init(inits, SUPPRESS_PREFIX + "margin", TensorProto.FLOAT, (n_classes,))
         return SuppressParams(classes, margin[classes])
     s = len(classes)
-    weights = _suppress_init(inits, SUPPRESS_PREFIX + "weights", TensorProto.FLOAT, (n_classes, s))
-    bias = _suppress_init(inits, SUPPRESS_PREFIX + "bias", TensorProto.FLOAT, (s,))
-    floor = _suppress_init(inits, SUPPRESS_PREFIX + "floor", TensorProto.FLOAT, (s,))
+    weights = _read_init(inits, SUPPRESS_PREFIX + "weights", TensorProto.FLOAT, (n_classes, s))
+    bias = _read_init(inits, SUPPRESS_PREFIX + "bias", TensorProto.FLOAT, (s,))
+    floor = _read_init(inits, SUPPRESS_PREFIX + "floor", TensorProto.FLOAT, (s,))
     return SuppressParams(classes, floor, weights.T, bias)
