@@ -210,6 +210,8 @@ def synthesize_set(
                            "uncertified_before": int(len(remaining)), "certified": int(cert.sum()),
                            "forgotten_uncertified": int((forgot & ~cert).sum())})
             remaining = remaining[~cert]
+            if int(cert.sum()) <= len(reps):
+                break  # no gate reached another member: a further round would only add k-means and re-evaluation
     if len(remaining) and len(records) < budget:
         take = remaining[: int(min(len(remaining), budget - len(records)))]
         # in chunks: the generic dual bounds hold every region's constraints in memory at once (about 2.4 MB
