@@ -209,11 +209,11 @@ def suppressed(logits: np.ndarray, classes: Sequence[int], margin: float) -> np.
 
 
 def loss_auc(loss_pos: np.ndarray, loss_neg: np.ndarray) -> float:
-    """P(loss of a positive < loss of a negative), ties counted half: the loss-threshold attack's AUC."""
-    a, b = np.asarray(loss_pos, np.float64), np.asarray(loss_neg, np.float64)
-    _, inv, cnt = np.unique(np.concatenate([-a, -b]), return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv]  # 1-based ranks of -loss, ties averaged (Mann-Whitney)
-    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+    """P(loss of a positive < loss of a negative), ties counted half: the loss-threshold attack's AUC
+    (the attack scores by -loss: :func:`.unlearning_eval.metrics.roc_auc` of the negated losses)."""
+    from .unlearning_eval.metrics import roc_auc
+
+    return roc_auc(-np.asarray(loss_pos, np.float64), -np.asarray(loss_neg, np.float64))
 
 
 def class_suppression_margin(forget_logits: np.ndarray, proxy_unseen: np.ndarray, y: np.ndarray, classes: Sequence[int],

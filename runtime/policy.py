@@ -9,9 +9,8 @@ can reach and what it can cost, so a device (or an auditor) needs no trust in th
   finite base logits, so no passing patch can make a logit infinite or NaN. They also cap an affine
   suppression margin's weights and bias (``w . f + b`` corrects the same logits; see patchgraph);
 - record and patch counts: the gate work is O(records) per input, so they bound device latency and
-  memory (a patch of 80,000 records would cost 24 s per 1,000 images);
-- ``spec_tolerance``: absolute slack, in specification space, allowed between a record's stored
-  float32 tensors and its certificate (float32 rounding of t; never relative to |t|).
+  memory (a patch of 80,000 records would cost 24 s per 1,000 images).
+(Format 4 has no tolerance for the certificate: the device checks the specification on the stored t itself.)
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ class DevicePolicy:
     max_records_per_patch: int = 4096
     max_records_total: int = 16384
     max_patches: int = 256
-    spec_tolerance: float = 1.0e-3
 
     def __post_init__(self) -> None:
         for f in fields(self):
