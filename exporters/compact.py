@@ -73,7 +73,7 @@ def compact_patches(patches: Sequence[VerifiedPatch]) -> tuple[Manifest, bytes]:
     }
     chain["after"] = list(dict.fromkeys(chain["after"]))
     # t as the chain stored it: the merged patch computes exactly what the chain did
-    return build_patch(ref, params, certs, mode, q_lower, q_upper, request, chain, round_t=False)
+    return build_patch(ref, params, certs, mode, q_lower, q_upper, request, chain, round_t=False, reorder=False)
 
 
 def _chain_of(ms: Sequence[Manifest]) -> dict[str, Any]:

@@ -403,6 +403,17 @@ def _reduce_max(x: str, axis: int, out: str, keepdims: int, opset: int, axes_nam
     return helper.make_node("ReduceMax", [x, axes_name], [out], keepdims=keepdims, name=out)
 
 
+def t16_exact(t: np.ndarray) -> bool:
+    """Whether a t table is stored as float16: exactly when every value is a float16 (a prune patch's
+    t sits on a 2^-4 grid with |t| < 2^7, exporters.patch_export.T_GRID_LOG2). The choice is a function
+    of the values, so the device's canonical rebuild makes the same one; the Cast to float32 has a
+    constant input and onnxruntime folds it at session creation, so inference runs the same float32
+    table either way."""
+    t = np.asarray(t, np.float32)
+    with np.errstate(over="ignore"):
+        return bool(t.size) and bool(np.array_equal(t.astype(np.float16).astype(np.float32), t))
+
+
 def correction_nodes(
     prefix: str, pre: str, logits_name: str, T: np.ndarray, t: np.ndarray, form: str, out_name: str, opset: int
 ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
@@ -434,8 +445,13 @@ def correction_nodes(
         _init(n("zero"), np.array([0.0], np.float32)),
         _init(n("blocks"), np.array([-1, -(-len(t) // SELECT_BLOCK), SELECT_BLOCK], np.int64)),  # N = 0 too
         _init(n("block_size"), np.array(SELECT_BLOCK, np.int64)),
-        _init(n("t_table"), np.asarray(t, np.float32)),
     ]
+    t32 = np.asarray(t, np.float32)
+    if t16_exact(t32):  # half the bytes; a Cast of a constant, folded when the session is created
+        nodes.insert(0, helper.make_node("Cast", [n("t_table16")], [n("t_table")], to=TensorProto.FLOAT, name=n("t_table")))
+        inits.append(_init(n("t_table16"), t32.astype(np.float16)))
+    else:
+        inits.append(_init(n("t_table"), t32))
     if opset >= 18 or form == "affine":
         inits.append(_init(n("axis2"), np.array([2], np.int64)))
     if form == "shift":
@@ -517,8 +533,11 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
         g0 + "signs_packed": (TensorProto.UINT8, (gated_size, (n_records + 7) // 8)),
         g0 + "neg_w": (TensorProto.FLOAT, (1, n_records)),
         g0 + "inv_delta": (TensorProto.FLOAT, ()),
-        PREFIX + "t_table": (TensorProto.FLOAT, (n_records, n_classes)),
     }
+    if PREFIX + "t_table16" in inits:  # see t16_exact
+        expected[PREFIX + "t_table16"] = (TensorProto.FLOAT16, (n_records, n_classes))
+    else:
+        expected[PREFIX + "t_table"] = (TensorProto.FLOAT, (n_records, n_classes))
     if form == "affine":
         expected[PREFIX + "T_table"] = (TensorProto.FLOAT, (n_records, n_classes, n_classes))
     arrays = {key: _read_init(inits, key, dtype, shape) for key, (dtype, shape) in expected.items()}
@@ -544,7 +563,8 @@ def extract_params(model: onnx.ModelProto, n_records: int, gated_size: int, n_cl
         T = np.zeros((n_records, c, c), np.float32)
     else:
         T = np.broadcast_to(-np.eye(c, dtype=np.float32), (n_records, c, c))
-    return PatchParams(signs=signs, gamma=gamma, T=T, t=arrays[PREFIX + "t_table"], scale_log2=scale_log2)
+    t = arrays[PREFIX + "t_table16"].astype(np.float32) if PREFIX + "t_table16" in arrays else arrays[PREFIX + "t_table"]
+    return PatchParams(signs=signs, gamma=gamma, T=T, t=t, scale_log2=scale_log2)
 
 
 # ----------------------------------------------------------------------------- class suppression

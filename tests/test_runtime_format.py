@@ -518,7 +518,7 @@ def test_t_rounding_keeps_every_certificate_and_only_lowers_rows():
     pbar = completed_specs(targets, C)
     rows = lambda tt: np.einsum("pij,pj->pi", pbar, tt.astype(np.float64))[:, :-1]  # noqa: E731
     assert (rows(rounded) <= rows(t)).all()
-    g = 2.0**T_GRID_LOG2
+    g = 2.0**T_GRID_LOG2["prune"]
     coarse = (np.round(rounded / g) * g == rounded).all(axis=1)
     assert coarse[~tight].all()  # room to spare: the coarsest grid
     assert (~coarse[tight & ok0]).any()  # tight records needed a finer grid: the fallback was exercised
@@ -1429,3 +1429,113 @@ def test_affine_suppression_manifest_round_trip(tiny):
     doc["suppress"]["affine"]["scale"] = 2.0
     with pytest.raises(PatchVerificationError, match="scale"):
         Manifest.from_json(doc)
+
+
+# ----------------------------------------------------------------------------- bytes: record order, half-precision t
+def _patch_of(params: PatchParams, reorder: bool) -> tuple[Manifest, onnx.ModelProto]:
+    from prune_edge.exporters.patch_export import BaseRef, RecordCert, build_patch
+
+    p = params.n_records
+    certs = [RecordCert(k % C, float(params.gamma[k]), (0.0,) * (C - 1), 0.0, None, None, 1) for k in range(p)]
+    request = {"kind": "points", "n_points": p, "id_roots": ROOTS[:1]}
+    _, data = build_patch(BaseRef(BASE_SHA, OPSET, IR, LOGITS, C, GATED), params, certs, "collapse", Q_LOWER, Q_UPPER,
+                          request, round_t=False, reorder=reorder)
+    pf = unpack(data)
+    return pf.manifest, onnx.load_from_string(pf.graph_bytes)
+
+
+def test_compression_order_is_a_greedy_nearest_neighbour_permutation():
+    """Records drawn as noisy copies of 4 prototypes, shuffled: the order is a permutation from record 0,
+    each step goes to a nearest remaining pattern, it stays inside its block, and the summed distance
+    of neighbours falls far below the shuffled order's (what lets deflate find the runs)."""
+    from prune_edge.exporters.patch_export import compression_order
+
+    rng = np.random.default_rng(5)
+    protos = rng.choice(np.array([-1, 1], np.int8), size=(4, 96))
+    signs = protos[rng.integers(0, 4, size=60)] * rng.choice(np.array([1, -1], np.int8), p=[0.95, 0.05], size=(60, 96))
+    ham = lambda a, b: int((a != b).sum())  # noqa: E731
+    for block in (2048, 7):
+        order = compression_order(signs, block=block)
+        assert sorted(order.tolist()) == list(range(60)) and order[0] == 0
+        for lo in range(0, 60, block):
+            seg = order[lo : lo + block]
+            assert (seg >= lo).all() and (seg < lo + block).all()
+            for i in range(len(seg) - 1):
+                rest = seg[i + 1 :]
+                assert ham(signs[seg[i]], signs[seg[i + 1]]) == min(ham(signs[seg[i]], signs[j]) for j in rest)
+    order = compression_order(signs)
+    total = lambda o: sum(ham(signs[a], signs[b]) for a, b in zip(o[:-1], o[1:]))  # noqa: E731
+    assert total(order) < 0.3 * total(np.arange(60))
+
+
+def test_record_order_changes_no_output():
+    """The exporter's reordered patch and the same records in their given order: the manifests carry
+    the same records (permuted with their graph rows) and both graphs give the same logits, gate and
+    acting record's t bit for bit on inputs inside every record's region and around them."""
+    rng = np.random.default_rng(11)
+    params = with_form(random_params(rng, p=9), "collapse")
+    (m0, g0), (m1, g1) = _patch_of(params, False), _patch_of(params, True)
+    p0 = extract_params(g0, 9, M, C, "collapse")
+    p1 = extract_params(g1, 9, M, C, "collapse")
+    perm = [int(np.flatnonzero((p0.signs == row).all(axis=1))[0]) for row in p1.signs]
+    assert sorted(perm) == list(range(9)) and perm != list(range(9))  # a real reordering
+    assert [m1.records[k] for k in range(9)] == [m0.records[j] for j in perm]
+    np.testing.assert_array_equal(p1.t, p0.t[perm])
+    # inputs in each record's region (its own signs, |z| a few steps) and random ones near the gates
+    inside = (params.signs * rng.uniform(1, 4, size=params.signs.shape) * DELTA).astype(np.float32)
+    near = rng.normal(scale=3 * DELTA, size=(300, M)).astype(np.float32)
+    z = np.vstack([inside, near])
+    f = rng.normal(size=(len(z), C)).astype(np.float32)
+    out0, gate0 = session(g0, GATE).run(None, feeds(z, f))
+    out1, gate1 = session(g1, GATE).run(None, feeds(z, f))
+    np.testing.assert_array_equal(out0, out1)
+    np.testing.assert_array_equal(gate0, gate1)
+    assert (gate0.reshape(-1)[:9] == 1).all() and (gate0 > 0).sum() > 9
+
+
+def test_half_precision_t_table_is_exact_folded_and_canonical(tmp_path):
+    """A t table whose every value is a float16 (a prune patch's 2^-4 grid) is stored as float16 behind
+    a Cast: read back as the same float32 t, the same outputs bit for bit as the float32 table,
+    the Cast folded by onnxruntime at session creation; one value off the float16 grid keeps the whole
+    table float32; and a float32 table of float16 values -- not what the canonical builder writes -- is
+    refused by the device's structure check."""
+    from prune_edge.runtime.verify import check_structure
+
+    rng = np.random.default_rng(12)
+    params = with_form(random_params(rng, p=5), "shift")
+    params.t = (np.round(params.t * 16) / 16).astype(np.float32)  # on 2^-4, |t| < 2^7
+    model = build_patch_graph(GATED, LOGITS, params, OPSET, IR, "shift")
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits[PREFIX + "t_table16"].data_type == onnx.TensorProto.FLOAT16 and PREFIX + "t_table" not in inits
+    np.testing.assert_array_equal(extract_params(model, 5, M, C, "shift").t, params.t)
+    off = PatchParams(params.signs, params.gamma, params.T, params.t.copy(), params.scale_log2)
+    off.t[2, 1] += np.float32(2.0**-13)  # not a float16 any more
+    model32 = build_patch_graph(GATED, LOGITS, off, OPSET, IR, "shift")
+    assert {i.name for i in model32.graph.initializer} >= {PREFIX + "t_table"}
+    assert PREFIX + "t_table16" not in {i.name for i in model32.graph.initializer}
+    # the float32 graph of the same (float16-exact) values: same outputs, but not canonical
+    forced = copy.deepcopy(model)
+    g = forced.graph
+    del g.node[[n.name for n in g.node].index(PREFIX + "t_table")]
+    keep = [i for i in g.initializer if i.name != PREFIX + "t_table16"]
+    del g.initializer[:]
+    g.initializer.extend([*keep, numpy_helper.from_array(params.t, PREFIX + "t_table")])
+    z = rng.normal(scale=3 * DELTA, size=(200, M)).astype(np.float32)
+    f = rng.normal(size=(200, C)).astype(np.float32)
+    np.testing.assert_array_equal(session(model).run(None, feeds(z, f))[0], session(forced).run(None, feeds(z, f))[0])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(tmp_path / "opt.onnx")
+    assert not [n for n in opt.graph.node if n.op_type == "Cast" and n.input[0] == PREFIX + "t_table16"]
+    manifest, _ = make_patch(5, "prune")
+    for graph, ok in ((model, True), (forced, False)):
+        data = graph.SerializeToString()
+        m = rederive(manifest, form="shift", graph_sha256=sha256_bytes(data), graph_bytes=len(data))
+        pf = unpack(pack(m, data))
+        if ok:
+            check_structure(pf, "x.pepatch")
+        else:
+            with pytest.raises(StructureError, match="not the canonical"):
+                check_structure(pf, "x.pepatch")

@@ -721,3 +721,20 @@ def test_choose_target_avoids_labels_and_predictions():
     assert choose_target(0.7, {0}, {1}, 2) == 1  # two classes, misclassified point: the only other class
     with pytest.raises(RequestError, match="cover all 2 classes"):
         choose_target(0.5, {0, 1}, {1}, 2)
+
+
+def test_bounds_round_outward_to_short_numbers():
+    """Prune bounds are rounded outward before the shift is computed: every stored bound still bounds
+    (lower below every row's own lower, upper above its upper), upper by less than 0.1, and the numbers
+    are short: one floored integer per record repeated on its rows, uppers on the 0.1 grid."""
+    from prune_edge.synth import _round_outward
+
+    rng = np.random.default_rng(4)
+    lower = rng.uniform(-300, -5, size=(50, 9))
+    upper = lower + rng.uniform(0, 80, size=(50, 9))
+    lo, up = _round_outward(lower, upper)
+    assert (lo <= lower).all() and (up >= upper).all() and (up - upper < 0.1 + 1e-9).all()
+    assert (lo == lo[:, :1]).all() and (lo[:, 0] == np.floor(lower.min(axis=1))).all()
+    assert np.allclose(up * 10, np.round(up * 10), atol=1e-6)
+    e_lo, e_up = _round_outward(np.zeros((0, 9)), np.zeros((0, 9)))
+    assert e_lo.shape == e_up.shape == (0, 9)
