@@ -48,6 +48,12 @@ COMPUTE_DTYPE: torch.dtype | None = None
 # rounded to bf16) and recomputed exactly in float32 every REFRESH steps, so rounding never piles up
 # (measured: the same bounds refreshing every 10, 20 or 40 steps; a refresh costs ~6 bf16 steps' products).
 REFRESH = 20
+# The best mu is tracked (the dual evaluated and compared each step) at mu = 0 (the box bound: the best for an
+# objective the constraints cannot improve) and after this fraction of the steps: on real objectives the early
+# iterates climb from the box bound and are never the best. Measured on the default MLP (40 and
+# 256 regions, upper sides, 60 and 120 steps): bit-identical bounds tracking from 0, 0.25 or 0.5, and the
+# ascent 4-5% faster from 0.5 (0.86 -> 0.82 s for 256 regions, three runs alternating).
+TRACK_FROM = 0.5
 
 
 def lr_end(steps: int) -> float:
@@ -181,10 +187,11 @@ def _ascend(s: _Scaled, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     # gives g(mu), and its sign (-1 or 0) is -u*, the box minimiser, so the sign is folded into -rs.
     for t in range(1, steps + 2):
         rneg = r0.clamp(max=0) if w is None else (r0 * w).clamp_(max=0)
-        val = rneg.sum(dim=2) - torch.bmm(mu, b_col)[:, :, 0]
-        better = (val > best_val).to(mu.dtype)[:, :, None]
-        best_val = torch.maximum(val, best_val)
-        best = torch.lerp(best, mu, better)  # exact for weights 0 and 1: best, or mu where it is better
+        if t == 1 or t > TRACK_FROM * steps:  # mu = 0 too: never worse than the box bound
+            val = rneg.sum(dim=2) - torch.bmm(mu, b_col)[:, :, 0]
+            better = (val > best_val).to(mu.dtype)[:, :, None]
+            best_val = torch.maximum(val, best_val)
+            best = torch.lerp(best, mu, better)  # exact for weights 0 and 1: best, or mu where it is better
         if t > steps:  # the last update has been evaluated too
             break
         minus_u = rneg.sign_() if w is None else rneg.sign_().mul_(w)

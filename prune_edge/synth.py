@@ -242,7 +242,7 @@ def synthesize(
         # PRUNE needs each region's affine map and constraints (float64) for its bounds; the pattern
         # is the device's (float32), which the float64 pass agrees with up to a neuron at exactly 0.
         regions: Regions | MLPRegions
-        if config.bounds == "dual" and FACTORED_MLP and is_mlp(net):  # no per-region matrices (prune_edge.mlp_bounds)
+        if factored_bounds(net, config):  # no per-region matrices (prune_edge.mlp_bounds)
             regions = mlp_regions(net, x_train[ids[reps]], start, signs[reps], device=device)
         else:
             regions = compute_regions(net, x_train[ids[reps]], start, device=device)
@@ -290,6 +290,11 @@ def synthesize(
         "unavoidable_overlaps": overlaps,
     }
     return SynthResult(records=records, start=start, scale_log2=view.scale_log2, stats=stats, covered=covered)
+
+
+def factored_bounds(net: PreactNet, config: SynthConfig) -> bool:
+    """True when a prune build's bounds go through the MLP's shared weights (prune_edge.mlp_bounds)."""
+    return config.mode == "prune" and config.bounds == "dual" and FACTORED_MLP and is_mlp(net)
 
 
 def _gated_of(activations: TrainActivations, start: int) -> list[tuple[str, tuple[int, ...]]]:

@@ -131,3 +131,14 @@ def test_degenerate_inputs():
         dual_lower_bounds(a, np.zeros((1, 2)), np.zeros(3), np.full(3, np.inf), c)
     with pytest.raises(ValueError):
         dual_lower_bounds(a, np.zeros((1, 3)), np.zeros(3), np.ones(3), c)
+
+
+def test_best_tracked_late_loses_nothing(input_lps, monkeypatch):
+    """The ascent compares the dual only at mu = 0 and over the last (1 - TRACK_FROM) of its steps: on real
+    regions (both sides of every row) the bounds equal those of tracking every step, and stay sound."""
+    assert 0 < bounds.TRACK_FROM < 1
+    late = solve(input_lps, steps=120)
+    monkeypatch.setattr(bounds, "TRACK_FROM", 0.0)
+    every = solve(input_lps, steps=120)
+    assert np.all(late <= input_lps["exact"] + SOUND_TOL)
+    assert np.all(late >= every - 1e-9 * np.maximum(1.0, np.abs(every))), (every - late).max()

@@ -174,3 +174,36 @@ def test_deterministic_and_checked(mlp_bundle):
         mb.chain_dual_lower_bounds(m, c[:, :, :10], steps=5)
     with pytest.raises(ValueError, match="signs: expected shape"):
         mb.mlp_regions(mlp_bundle.net, x, 0, g.signs[:, :10])
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_unseen_variables_left_out_of_the_ascent_only(mlp_bundle, monkeypatch, start):
+    """The ascent skips LP variables no constraint sees (pixels never lit in training, whose first-layer
+    weights decayed to ~0; in feature space, features of zero width). Counterexample search on the
+    bounds it returns: objectives that load those variables heavily (their box term is then most of
+    the optimum, and only the float64 certificate accounts for it), both directions, against HiGHS;
+    and the bounds stay as tight as with every variable in the ascent."""
+    ds = mlp_bundle.dataset
+    rng = np.random.default_rng(30 + start)
+    ids = rng.choice(len(ds.x_train), 4, replace=False)
+    g, m = both_forms(mlp_bundle.net, ds.x_train[ids], start)
+    lo, hi = torch.from_numpy(m.lower), torch.from_numpy(m.upper)
+    col = (m.weights[0] * (hi - lo)).norm(dim=0)
+    unseen = (col <= bounds.NEGLIGIBLE * col.max()).numpy()
+    assert unseen.any() and not unseen.all()  # the base has such variables, else this tests nothing
+    specs = np.stack([spec_rows(int(t), 10) for t in rng.integers(0, 10, len(ids))])
+    obj = np.einsum("bkc,bcd->bkd", specs, g.jac_f.numpy())
+    heavy = rng.normal(size=(len(ids), 2, obj.shape[2])) * np.abs(obj).mean() * np.where(unseen, 20.0, 1.0)
+    only = rng.normal(size=(len(ids), 1, obj.shape[2])) * unseen  # nothing but unseen variables: the box bound
+    objectives = np.concatenate([obj, -obj, heavy, -heavy, only], axis=1)
+    s = mb._scaled(m, torch.from_numpy(objectives), lo, hi)
+    assert s.c.shape[2] == int((~unseen).sum()) and s.ops.w32[0].shape[1] == s.c.shape[2]
+    exact, chain, _, _ = exact_and_chain(mlp_bundle.net, ds.x_train[ids], start, objectives, steps=120)
+    assert np.all(chain <= exact + SOUND_TOL), (chain - exact).max()
+    box = np.minimum(objectives * m.lower, objectives * m.upper).sum(axis=2)
+    assert np.allclose(chain[:, -1], box[:, -1], rtol=0, atol=1e-9) and np.allclose(exact[:, -1], box[:, -1], atol=1e-6)
+    monkeypatch.setattr(mb, "SKIP_UNSEEN", False)
+    assert mb._scaled(m, torch.from_numpy(objectives), lo, hi).c.shape[2] == obj.shape[2]
+    every = mb.chain_dual_lower_bounds(m, objectives, steps=120)
+    gap, gap_every = rel_gap(exact, chain), rel_gap(exact, every)
+    assert np.median(gap) <= max(1e-3, 1.5 * np.median(gap_every)), (np.median(gap), np.median(gap_every))

@@ -111,3 +111,25 @@ def test_manifest_refuses_unknown_strategy(patches):
     doc["request"]["strategy"] = "clusters"
     with pytest.raises(PatchFormatError, match=r"request\.strategy: expected one of"):
         Manifest.from_json(doc)
+
+
+def test_synthesis_calls_follow_the_chunk(tmp_path, mlp_bundle):
+    """By default an MLP's factored prune bounds take CHUNK_FACTORED points per synthesis call and other
+    builds CHUNK_GENERIC; a given chunk splits the request into calls, each built after the records of
+    the calls before it. Every point ends inside its record's region on the device path either way."""
+    from prune_edge.sets import CHUNK_FACTORED, CHUNK_GENERIC
+
+    ds = mlp_bundle.dataset
+    n = 40
+    assert CHUNK_GENERIC < n <= CHUNK_FACTORED
+    ids = random_forget_ids(len(ds.x_train), n, seed=22)
+    for mode, chunk, calls in (("prune", None, 1), ("prune", 16, 3), ("collapse", None, 2)):
+        path = tmp_path / f"{mode}-{chunk}.pepatch"
+        report = build_set_patch(mlp_bundle, ids, SynthConfig(mode=mode, seed=0), path, SetConfig(chunk=chunk),
+                                 device="cpu", progress=False, evaluate=False, ledger=tmp_path / "ledger")
+        syn = report["synthesis"]
+        assert syn["synthesis_calls"] == calls and syn["certified"] == n and not report["uncertified_ids"], (mode, chunk)
+        inside, _ = device_regions(mlp_bundle, [path], ids)
+        assert inside.all()
+    with pytest.raises(ValueError, match="chunk: expected at least 1 point per synthesis call, found 0"):
+        SetConfig(chunk=0)
