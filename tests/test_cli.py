@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from prune_edge.cli import EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, main
+from prune_edge.runtime import read_patch_file
 from conftest import ledger_record
 
 
@@ -75,6 +76,28 @@ def test_build_patch_json_and_certify(runner, tmp_path, mlp_base, mlp_bundle):
     assert all(c["status"] == "pass" for c in doc["patches"][0]["checks"])
     assert [(c["name"], c["status"]) for c in doc["set"]] == [("interference", "pass")]
     assert doc["policy"]["max_gate_width"] == 1.0
+
+
+def test_build_patch_dual_steps_trade_bound_tightness(runner, tmp_path, mlp_base, mlp_bundle):
+    """--dual-steps reaches the bounds: 0 steps is the box bound, never tighter than the default ascent's
+    and looser somewhere; both patches forget their points and pass certify."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5\n17\n40\n")
+    uppers = {}
+    for steps in ("0", None):
+        out = tmp_path / f"s{steps}.pepatch"
+        args = ["build-patch", "--base", str(mlp_base), "--forget", str(ids), "--out", str(out), "--json"]
+        result = runner.invoke(main, args + (["--dual-steps", steps] if steps else []))
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["evaluation"]["accuracy"]["forget"]["after"] == 0.0
+        assert runner.invoke(main, ["certify", "--base", str(mlp_bundle.onnx_path), "--patch", str(out)]).exit_code == 0
+        recs = read_patch_file(out).manifest.records  # same regions in the same order (same patterns)
+        uppers[steps] = np.array([r.upper for r in recs])
+    box, tight = uppers["0"], uppers[None]
+    assert box.shape == tight.shape and (box >= tight).all() and (box > tight + 0.5).any()
+    bad = runner.invoke(main, ["build-patch", "--base", str(mlp_base), "--forget", str(ids), "--out",
+                               str(tmp_path / "x.pepatch"), "--dual-steps", "-1"])
+    assert bad.exit_code == 2 and "--dual-steps" in bad.output
 
 
 def test_build_patch_after_chain_certify_set_and_probe(runner, tmp_path, mlp_base, mlp_bundle, patches, forget_ids):
