@@ -34,13 +34,14 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     assert exact["lp_solves"] == 2 * exact["records"] * 9  # two LPs per row, nine rows per record
     assert dual["lp_solves"] == 0 and dual["records"] == exact["records"] == 2
     # The bound gap, recomputed from the two patch files: dual upper bounds are sound, so never below
-    # the LP optimum (up to the 1e-6 outward rounding of both).
+    # the LP optimum (both are rounded up to 0.1 the same way, which keeps that order).
     gap = r["bound_gap"]
     up = [np.array([rec.upper for rec in read_patch_file(b["path"]).manifest.records]) for b in (dual, exact)]
     rel = (up[0] - up[1]) / np.maximum(1.0, np.abs(up[1]))
     assert gap["rows"] == rel.size == 2 * 9
     assert gap["median"] == pytest.approx(float(np.median(rel))) and gap["max"] == pytest.approx(float(rel.max()))
     assert gap["min"] == pytest.approx(float(rel.min())) and gap["min"] >= -1e-5
+    assert gap["equal"] == pytest.approx(float(np.mean(up[0] == up[1]))) and gap["max_abs"] == pytest.approx(float((up[0] - up[1]).max()))
     assert gap["dual_vs_exact_speedup"] == pytest.approx(exact["build_seconds"] / dual["build_seconds"])
     # The chain: 10 patches, each built --after the ones before it, checked and loaded together.
     chain = r["chain"]
