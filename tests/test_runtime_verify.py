@@ -642,6 +642,21 @@ def test_nan_offset_refused(patches, mlp_bundle, tmp_path, mode):
     assert_refused(path, mlp_bundle.onnx_path, LocalityError, "locality", r"record 1 has \|t\| up to .* or a non-finite entry")
 
 
+def test_infinite_half_precision_offset_refused(patches, mlp_bundle, tmp_path):
+    """An attacker's t that is all float16 values but one infinity: the canonical graph stores it as
+    float16 (inf is a float16), so the structure check accepts the storage, and the policy's cap on
+    |t| refuses the value, as for any non-finite offset."""
+    manifest, graph = parts(patches["prune"][0])
+    t = params_of(manifest, graph).t.copy()
+    assert (t.astype(np.float16).astype(np.float32) == t).all()  # a prune t: stored as float16
+    t[1, 0] = np.inf
+    new_graph = with_params(manifest, graph, t=t)
+    inits = {i.name for i in onnx.load_from_string(new_graph).graph.initializer}
+    assert "pe_t_table16" in inits and "pe_t_table" not in inits
+    path = repack(tmp_path / "inf.pepatch", manifest, new_graph)
+    assert_refused(path, mlp_bundle.onnx_path, LocalityError, "locality", r"record 1 has \|t\| up to .* or a non-finite entry")
+
+
 def test_manifest_edit_without_new_id_refused(patches, mlp_bundle, tmp_path):
     """The patch id is derived from the signed content: an edit that keeps the old id (and digest)
     is refused by the format check, before any graph byte is read."""
