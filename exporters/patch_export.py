@@ -17,7 +17,7 @@ import numpy as np
 
 from ..runtime.fileio import PathLike, atomic_write_bytes, sha256_bytes
 from ..runtime.manifest import GatedTensor, Manifest, Record, derive_patch_id
-from ..runtime.merkle import commit_ids, ids_root  # noqa: F401  (commit_ids: re-exported for callers)
+from ..runtime.merkle import ids_root
 from ..runtime.patchfile import pack
 from ..runtime.patchgraph import SUPPRESS_FORM, PatchParams, SuppressParams, build_patch_graph, build_suppress_graph, form_of
 from ..runtime.verify import patched_rows
@@ -87,17 +87,14 @@ def compression_order(signs: np.ndarray, block: int = 2048) -> np.ndarray:
     for lo in range(0, len(s), block):
         rows = s[lo : lo + block]
         dist = (s.shape[1] - rows @ rows.T) / 2  # Hamming distances of the +-1 patterns
-        n = len(rows)
-        dist[:, 0] = np.inf  # the first record starts the chain
+        seen = np.zeros(len(rows), bool)
         cur = 0
-        for _ in range(n):
+        while True:
+            seen[cur] = True
             order.append(lo + cur)
-            if len(order) - lo == n:
+            if seen.all():
                 break
-            row = dist[cur].copy()
-            dist[:, cur] = np.inf
-            row[cur] = np.inf
-            cur = int(row.argmin())
+            cur = int(np.where(seen, np.inf, dist[cur]).argmin())
     return np.asarray(order, np.int64)
 
 
@@ -152,10 +149,10 @@ def build_patch(
     :func:`compression_order`. Both off where records are copied whose t and order are already what
     devices run (``compact``). The patch id is derived from the content (:func:`derive_patch_id`),
     after the graph digest is in."""
-    if reorder and len(certs) > 2:
+    if reorder:
         perm = compression_order(params.signs)
-        params = PatchParams(signs=params.signs[perm], gamma=params.gamma[perm], T=params.T[perm], t=params.t[perm],
-                             scale_log2=params.scale_log2)
+        params = dataclasses.replace(params, signs=params.signs[perm], gamma=params.gamma[perm], T=params.T[perm],
+                                     t=params.t[perm])
         certs = [certs[i] for i in perm]
 
     def rows(values: list[Sequence[float] | None]) -> list[tuple[float, ...] | None]:

@@ -215,8 +215,9 @@ def check_suppression(manifest: Manifest, sp: SuppressParams, source: str, polic
     w, b = sp.weights, sp.bias
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
         raise CertificateError(f"{where}: affine margin weights and bias expected finite, found NaN or inf in the graph")
-    if not (np.array_equal(w, np.array(aff["weights"], np.float32)) and np.array_equal(b, np.array(aff["bias"], np.float32))):
-        bad = int((w != np.array(aff["weights"], np.float32)).sum() + (b != np.array(aff["bias"], np.float32)).sum())
+    w_m, b_m = np.array(aff["weights"], np.float32), np.array(aff["bias"], np.float32)
+    if not (np.array_equal(w, w_m) and np.array_equal(b, b_m)):
+        bad = int((w != w_m).sum() + (b != b_m).sum())
         raise CertificateError(f"{where}: graph affine margin differs from its manifest in {bad} numbers; expected equal")
     w_max, b_max = float(np.abs(w).max(initial=0.0)), float(np.abs(b).max(initial=0.0))
     if w_max > policy.max_abs_T or b_max > policy.max_abs_t:
