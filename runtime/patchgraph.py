@@ -281,7 +281,14 @@ def _unpack_nodes(p: str, packed: np.ndarray, n_records: int) -> tuple[list[onnx
 
 
 SELECT_BLOCK = 32  # scores per block of the two-stage argmax: the score row is padded to a multiple of it
-L1_CHUNK = 127  # |v|_1 enters the integer product as 128 x (chunks of at most 127) + a remainder
+L1_CHUNK = 127  # |v|_1 enters the integer product as L1_BASE x (chunks of at most 127) + a remainder
+# The largest int8 weight of the product. x86 kernels without VNNI (onnxruntime's AVX2/AVX-512BW
+# uint8 x int8 MatMulInteger) multiply with vpmaddubsw, which adds two adjacent products into a
+# *saturating* int16: 255 x (-128) twice is -65280, clipped to -32768, a wrong excess and a gate
+# that opens on the wrong record. With every |weight| <= 64, any pair is at most 2 x 255 x 64 =
+# 32640 < 2^15, so the product is exact on every kernel (tests/test_runtime_format.py searches the
+# extreme codes). Format 4 used 128 and is refused (format 5).
+L1_BASE = 64
 
 
 def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
@@ -294,8 +301,9 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
     Per group, per gated tensor (flattened to (N, M_i)): floor(z / delta), then one QuantizeLinear
     with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read back with
     zero point 128; saturation keeps the sign) and |v|_1 is summed from them. The integer product does
-    the rest: |v|_1 = r + 128 (q_1 + ... + q_J) (each part in 0..127) joins v as J + 1 more uint8
-    columns, against rows -1, -128, ..., -128 under the int8 signs, so one MatMulInteger gives
+    the rest: |v|_1 = r + 64 (q_1 + ... + q_J) (each part in 0..127) joins v as J + 1 more uint8
+    columns, against rows -1, -64, ..., -64 under the int8 signs (no weight beyond 64: ``L1_BASE``), so
+    one MatMulInteger gives
     ``v.s - |v|_1 = -excess`` exactly in int32, and one Cast and one Mul by ``-neg_w`` give
     ``score = neg_w excess`` with the same single float32 rounding (exactly 0 on the record's region,
     gate exactly 1). No (N, P) pass besides the product, its Cast and the Mul. The padding columns
@@ -323,9 +331,10 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
         delta = float(2.0**group.scale_log2)
         n_rec = int(group.signs.shape[0])
         pad = pad_total if gi == len(groups) - 1 else 0  # the last group's row carries the padding
-        chunks = -(-group.size // L1_CHUNK)  # |v|_1 <= 128 M: q = floor(|v|_1 / 128) <= M <= 127 chunks
-        split = np.eye(1 + chunks, dtype=np.float32)  # [l, q, ..., q] -> [l - 128 q, q, ..., q]
-        split[1, 0] = -128.0
+        # |v|_1 <= 128 M: q = floor(|v|_1 / L1_BASE) <= 2 M, in chunks of at most 127
+        chunks = -(-(128 // L1_BASE) * group.size // L1_CHUNK)
+        split = np.eye(1 + chunks, dtype=np.float32)  # [l, q, ..., q] -> [l - L1_BASE q, q, ..., q]
+        split[1, 0] = -float(L1_BASE)
         codes, l1s = [], []
         for i, g in enumerate(group.gated):
             z = g.name  # already (N, M_i)
@@ -351,8 +360,8 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
             l1 = p + "l1"
             nodes.append(helper.make_node("Sum", l1s, [l1], name=l1))
         nodes += [
-            # |v|_1 = r + 128 q with q split in chunks of at most 127, all exact in float32:
-            # floor([|v|_1, |v|_1/128, ...]) = [|v|_1, q, ..., q], then [|v|_1 - 128 q, q, q - 127, ...]
+            # |v|_1 = r + 64 q with q split in chunks of at most 127, all exact in float32:
+            # floor([|v|_1, |v|_1/64, ...]) = [|v|_1, q, ..., q], then [|v|_1 - 64 q, q, q - 127, ...]
             helper.make_node("Mul", [l1, p + "l1_scale"], [p + "l1_frac"], name=p + "l1_frac"),
             helper.make_node("Floor", [p + "l1_frac"], [p + "l1_floor"], name=p + "l1_floor"),
             helper.make_node("Gemm", [p + "l1_floor", p + "l1_split", p + "l1_at"], [p + "l1_parts"], name=p + "l1_parts"),
@@ -360,7 +369,7 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
             # codes 128 + min(part, 127): the QuantizeLinear saturation caps each chunk
             helper.make_node("QuantizeLinear", [p + "l1_pos", prefix + "unit", zp], [p + "l1_codes"], name=p + "l1_codes"),
             helper.make_node("Concat", codes + [p + "l1_codes"], [p + "va"], axis=1, name=p + "va"),
-            # constant: [signs padded with 0; -1; -128 x chunks] (M + 1 + chunks, P'), folded at load
+            # constant: [signs padded with 0; -1; -64 x chunks] (M + 1 + chunks, P'), folded at load
             helper.make_node("Pad", [p + "signs", p + "pad"], [p + "signs_pad"], name=p + "signs_pad"),
             helper.make_node("Expand", [p + "l1_w", p + "l1_shape"], [p + "l1_rows"], name=p + "l1_rows"),
             helper.make_node("Concat", [p + "signs_pad", p + "l1_rows"], [p + "b"], axis=0, name=p + "b"),
@@ -381,11 +390,11 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
             inits.append(_init(p + "signs", np.ascontiguousarray(group.signs.T)))  # (M, P) int8, the MatMulInteger operand
         inits += [
             _init(p + "neg_w", neg_weight(group.gamma, delta).reshape(1, -1)),
-            _init(p + "l1_scale", np.array([[1.0] + [1.0 / 128] * chunks], np.float32)),
+            _init(p + "l1_scale", np.array([[1.0] + [1.0 / L1_BASE] * chunks], np.float32)),
             _init(p + "l1_split", split),
             _init(p + "l1_at", L1_CHUNK * -np.arange(-1, chunks, dtype=np.float32).clip(0) + np.float32(0)),
             _init(p + "pad", np.array([0, 0, 0, pad], np.int64)),
-            _init(p + "l1_w", np.array([[-1]] + [[-128]] * chunks, np.int8)),
+            _init(p + "l1_w", np.array([[-1]] + [[-L1_BASE]] * chunks, np.int8)),
             _init(p + "l1_shape", np.array([1 + chunks, n_rec + pad], np.int64)),
         ]
         pres.append(p + "wv")

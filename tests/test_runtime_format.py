@@ -194,7 +194,7 @@ def test_manifest_round_trip(mode, alpha_value, form):
     assert reparsed.signed_bytes() == manifest.signed_bytes() == canonical_bytes(doc)
     assert json.loads(manifest.signed_bytes()) == doc
     # v3 fields: the gate step, the chain, the derived id, the widest gate; v4: a root per request, no beta.
-    assert doc["format_version"] == FORMAT_VERSION == 4
+    assert doc["format_version"] == FORMAT_VERSION == 5
     assert all(set(r) == {"target", "gamma", "alpha", "mean_scale", "lower", "upper", "points"} for r in doc["records"])
     assert doc["gate"] == {"step_log2": STEP_LOG2} and again.gate_step_log2 == STEP_LOG2
     assert doc["chain"] == {"position": 0, "after": [], "replaces": []}
@@ -1119,6 +1119,48 @@ def test_gate_quantization_is_exactly_the_reference(canonical):
     assert (excess % 2 == 0).all() and ((excess == 0) == (sign_pattern(z)[:, None, :] == params.signs[None]).all(axis=2)).all()
 
 
+def test_integer_product_is_exact_at_extreme_codes():
+    """The uint8 x int8 MatMulInteger gives the exact excess at the codes where x86 kernels without VNNI
+    saturate (they add adjacent products in int16): a gated width of a real base (1,016 values, so
+    |v|_1 spans 32 chunks, most at their cap 127, code 255), every input saturated or at a chunk
+    boundary, records of every extreme pattern; batch 1 and 64 (the vector and matrix paths). Format 4
+    (chunks of 128) read 0 instead of -1040384 here on such a CPU."""
+    from prune_edge.runtime.patchgraph import L1_BASE
+
+    m = 1016
+    gated = (GatedTensor("wide", (m,)),)
+    rng = np.random.default_rng(5)
+    step = 2.0**STEP_LOG2
+    rows = [np.full(m, 1e6), np.full(m, -1e6), np.where(np.arange(m) % 2, 1e6, -1e6), np.zeros(m), np.full(m, -0.0)]
+    rows += list(rng.choice([-1e6, 1e6], size=(27, m)))
+    # |v|_1 (even: a sum of 1,016 odd values) at and next to the edges of the remainder and the chunks
+    for target in (m, m + 2, 64 * 127 - 2, 64 * 127, 64 * 127 + 2, 64 * 254, 64 * 254 + 2, 127 * m - 2):
+        steps = (target - m) // 2  # each coordinate rises from 1 to 127 in 63 steps of 2
+        v = np.ones(m)
+        v[: steps // 63] = 127
+        v[steps // 63] += 2 * (steps % 63)
+        assert np.abs(v).sum() == target
+        rows.append((v - 1) / 2 * step)  # floor(z / step) = (v - 1) / 2 exactly
+    z = np.array(rows, np.float32)
+    z = np.concatenate([z, (z * rng.choice([-1, 1], size=z.shape)).astype(np.float32)])
+    signs = np.stack([np.ones(m), -np.ones(m), np.where(np.arange(m) % 2, 1, -1), *rng.choice([-1, 1], size=(13, m))])
+    signs = np.concatenate([signs, sign_pattern(z[:8])]).astype(np.int8)
+    p = len(signs)
+    params = PatchParams(signs, np.full(p, 1e-6), np.zeros((p, C, C)), np.ones((p, C)), STEP_LOG2)
+    model = build_patch_graph(gated, LOGITS, params, OPSET, IR, "shift")
+    b = numpy_helper.to_array({i.name: i for i in model.graph.initializer}[PREFIX + "g0_l1_w"])
+    assert np.abs(b).max() == L1_BASE <= 64  # 2 x 255 x 64 < 2^15: no int16 pair can saturate
+    sess = session(model, NEXCESS)
+    want = excess_of(quantize(z, STEP_LOG2), signs)
+    assert want.max() >= 2 * 127 * m and (want == 0).sum() >= 8  # the corners occur
+    for batch in (1, 64):
+        got = np.concatenate([
+            -sess.run([NEXCESS], {"wide": z[i : i + batch], LOGITS: np.zeros((len(z[i : i + batch]), C), np.float32)})[0][:, :p]
+            for i in range(0, len(z), batch)
+        ])
+        np.testing.assert_array_equal(got, want)
+
+
 def test_gate_reads_every_negative_as_inactive():
     """No gap between the gate and the ReLU: the sign comes from ``z < 0``, so every negative z, down to
     the smallest float32 subnormal and a dead unit's -1e-11, is read inactive, and 0, -0 active."""
@@ -1343,18 +1385,18 @@ def test_cheap_forms_are_exact():
     assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, np.zeros((4, C)))) == "affine"
 
 
-# sha256 of the canonical graphs of fixed parameters, as format 4 writes them (measured on the code that
-# introduced format 4: bit-packed signs, the block argmax and the |v|_1 columns of the integer product). A
-# device re-builds this graph to check a file's structure, so any change here refuses every patch already
-# shipped: it must come with a new format version, not silently.
-FORMAT4_CANONICAL_SHA256 = {
-    "affine": "0b9efa181ce15eafd108c6ba642b314f3670f93b4d3f4999b35c227e18d9aaa3",
-    "shift": "c4cbc5d1690d41c66840fe2e6e5a4d993db212c8dbdb6b9915701eb01bc5bf1d",
-    "collapse": "a2cd5a68f988746c2a0e430c266becafbbd94a5b09baf38cc9ad61bec3cd2cea",
+# sha256 of the canonical graphs of fixed parameters, as format 5 writes them (measured on the code that
+# introduced format 5: format 4's bit-packed signs, block argmax and |v|_1 columns of the integer product,
+# those columns in chunks of 64). A device re-builds this graph to check a file's structure, so any change
+# here refuses every patch already shipped: it must come with a new format version, not silently.
+FORMAT_CANONICAL_SHA256 = {
+    "affine": "c91bf6ec4711161742cc94663dcebdfc69cba58c65faef7f3a8e7364cb23d29c",
+    "shift": "84fe0dfcd738a26dbf062192f27ad994dc2625b31f8addb4cc8587a53f5247f2",
+    "collapse": "bd0c17ba76e790e5511089704faaf337a4e9563b230880b5cbe7a3c54b87c445",
 }
 
 
-@pytest.mark.parametrize("form", sorted(FORMAT4_CANONICAL_SHA256))
+@pytest.mark.parametrize("form", sorted(FORMAT_CANONICAL_SHA256))
 def test_canonical_graph_bytes_are_pinned(form):
     params = random_params(np.random.default_rng(7), p=3)
     if form != "affine":
@@ -1362,7 +1404,7 @@ def test_canonical_graph_bytes_are_pinned(form):
         T = np.zeros_like(params.T) if form == "shift" else np.broadcast_to(-np.eye(c, dtype=np.float32), params.T.shape).copy()
         params = dataclasses.replace(params, T=T)
     data = build_patch_graph(GATED, LOGITS, params, OPSET, IR, form).SerializeToString()
-    assert hashlib.sha256(data).hexdigest() == FORMAT4_CANONICAL_SHA256[form]
+    assert hashlib.sha256(data).hexdigest() == FORMAT_CANONICAL_SHA256[form]
 
 
 # The canonical suppression graphs: constant margins exactly as before the affine form existed (digests
