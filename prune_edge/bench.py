@@ -38,6 +38,31 @@ GOAL_PATCH_COUNTS = (100, 1000)  # the latency sweep sizes that have a goal (bat
 LOAD_REPEATS = 7  # device-load timings per patch size (median)
 
 
+def cpu_features() -> dict[str, Any]:
+    """The CPU facts the figures depend on most, recorded with them. The gate's uint8 x int8 product
+    runs several times faster with an int8 dot-product unit (VNNI, AMX) than with AVX2 alone (500
+    records at batch 256, one thread: 67 us on an AMX machine, 552 us on an AVX2-only EPYC), and the
+    dual ascent's products use bfloat16 only where the CPU multiplies it natively (AVX512-BF16, AMX;
+    prune_edge.bounds): the same request builds 2-3x faster there. Ratios from two machines are not
+    comparable without these lines."""
+    import torch
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    cpu = getattr(torch, "cpu", None)
+    has = lambda name: bool(getattr(cpu, name, lambda: False)())  # noqa: E731
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "int8_dot_product": has("_is_vnni_supported") or has("_is_amx_tile_supported"),
+        "bf16_products": has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported"),
+    }
+
+
 def run_bench(
     out: Path,
     points: int = 20,
@@ -203,6 +228,7 @@ def run_bench(
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
+            "cpu": cpu_features(),
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
             "device": retrain_stats["device"],
@@ -297,7 +323,13 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def format_table(r: dict[str, Any]) -> str:
     g = r["goals"]
-    rows = [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", ""),
+    rows = []
+    cpu = r.get("machine", {}).get("cpu")
+    if cpu:
+        yes = lambda v: "yes" if v else "no"  # noqa: E731
+        rows.append(("machine", f"{r['machine']['cpus']} cpus, {cpu['capability']}",
+                     f"{cpu['model']}; int8 dot product {yes(cpu['int8_dot_product'])}, bf16 products {yes(cpu['bf16_products'])}"))
+    rows += [("retrain without forget set", f"{r['retrain_seconds']:.3f} s", ""),
             ("once per base: training set through the base + violation index (kept)", f"{r['activation_cache_seconds']:.3f} s",
              f"{r['activation_cache_seconds'] / r['retrain_seconds']:.3f}x of one retrain")]
     for label, b in r["builds"].items():

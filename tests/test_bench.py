@@ -58,6 +58,10 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     assert r["goals"]["prune_speedup"] == 1.0 and r["goals"]["dual_vs_exact"] == 8.0
     table = format_table(r)
     assert "retrain without forget set" in table and "goal >= 1000x" in table
+    # the figures carry the CPU facts they depend on (int8 dot product for the gate, bf16 for the ascent)
+    cpu = r["machine"]["cpu"]
+    assert set(cpu) == {"model", "capability", "int8_dot_product", "bf16_products"} and cpu["model"]
+    assert f"int8 dot product {'yes' if cpu['int8_dot_product'] else 'no'}" in table
     assert "dual bounds vs exact LPs" in table and "goal >= 8x" in table
     assert "device: check 10 patches" in table and "3 collapse records, gate all, 1 thread" in table
     [load] = r["device_load"]
