@@ -1122,9 +1122,9 @@ def test_gate_quantization_is_exactly_the_reference(canonical):
 def test_integer_product_is_exact_at_extreme_codes():
     """The uint8 x int8 MatMulInteger gives the exact excess at the codes where x86 kernels without VNNI
     saturate (they add adjacent products in int16): a gated width of a real base (1,016 values, so
-    |v|_1 spans 32 chunks, most at their cap 127, code 255), every input saturated or at a chunk
-    boundary, records of every extreme pattern; batch 1 and 64 (the vector and matrix paths). Format 4
-    (chunks of 128) read 0 instead of -1040384 here on such a CPU."""
+    |v|_1 spans 16 chunks, most at their cap 127, code 255), every input saturated or at a chunk
+    boundary, records of every extreme pattern; batch 1 and 64 (the vector and matrix paths). With
+    format 4's chunks of 128 this test fails on an AVX2-only CPU (1,512 of 1,920 excesses wrong)."""
     from prune_edge.runtime.patchgraph import L1_BASE
 
     m = 1016
