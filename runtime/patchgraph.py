@@ -331,8 +331,8 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], packed: bool = False
         delta = float(2.0**group.scale_log2)
         n_rec = int(group.signs.shape[0])
         pad = pad_total if gi == len(groups) - 1 else 0  # the last group's row carries the padding
-        # |v|_1 <= 128 M: q = floor(|v|_1 / L1_BASE) <= 2 M, in chunks of at most 127
-        chunks = -(-(128 // L1_BASE) * group.size // L1_CHUNK)
+        q_max = 128 * group.size // L1_BASE  # |v|_1 <= 128 M, so q = floor(|v|_1 / L1_BASE) <= q_max
+        chunks = -(-q_max // L1_CHUNK)  # in chunks of at most 127
         split = np.eye(1 + chunks, dtype=np.float32)  # [l, q, ..., q] -> [l - L1_BASE q, q, ..., q]
         split[1, 0] = -float(L1_BASE)
         codes, l1s = [], []

@@ -38,6 +38,7 @@ from prune_edge.runtime.fileio import sha256_bytes  # noqa: E402
 from prune_edge.runtime.manifest import GatedTensor, Manifest, Record, derive_patch_id  # noqa: E402
 from prune_edge.runtime.model import make_session  # noqa: E402
 from prune_edge.runtime.patchgraph import (  # noqa: E402
+    PREFIX,
     PatchParams,
     affine_from_scales_many,
     build_patch_graph,
@@ -391,6 +392,24 @@ def test_unbounded_parameters_refused(base, honest, mlp_bundle, forget_ids, tmp_
 
 
 # ----------------------------------------------------------------------------- h) the honest chain
+def test_product_weights_past_64_refused(base, patches, monkeypatch, tmp_path):
+    """Format 5's guarantee that no int8 weight of the gate's product exceeds 64 (so x86 kernels that add
+    pairs of products in saturating int16 stay exact) holds for every file a device accepts: the honest
+    patch's own graph rebuilt with |v|_1 in chunks of 128 (format 4's -128 rows), the file re-hashed
+    with a re-derived id, is refused by the structure check, in both modes."""
+    from prune_edge.runtime import patchgraph
+
+    for mode in ("prune", "collapse"):
+        m, params = unchecked_parts(patches[mode][0])
+        with monkeypatch.context() as mp:
+            mp.setattr(patchgraph, "L1_BASE", 128)
+            graph = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+        weights = onnx.numpy_helper.to_array(next(i for i in graph.graph.initializer if i.name == PREFIX + "g0_l1_w"))
+        assert weights.min() == -128  # the attacker's graph does carry the overflowing rows
+        evil = forge_graph(tmp_path / f"l1-128-{mode}.pepatch", m, graph)
+        assert_refused(base, [evil], "structure", "not the canonical gated-affine graph")
+
+
 def test_honest_chain_passes_with_probe(base, chain, probe_file, mlp_bundle):
     doc = assert_certified(base, [chain["first"], chain["second"]], "--probe", probe_file)
     assert [(s["name"], s["status"]) for s in doc["set"]] == [("interference", "pass"), ("probe", "pass")]
@@ -439,9 +458,9 @@ def suppression(mlp_bundle, tmp_path_factory):
     return path, read_patch_file(path).manifest
 
 
-def forge_suppression(path, like: Manifest, graph: onnx.ModelProto, **changes):
-    """The file an attacker would write: ``graph`` as the patch graph, ``like``'s manifest with
-    ``changes``, digest, size and patch id updated (format and integrity pass)."""
+def forge_graph(path, like: Manifest, graph: onnx.ModelProto, **changes):
+    """The file an attacker would write: ``graph`` (any graph) as the patch graph, ``like``'s manifest
+    with ``changes``, digest, size and patch id updated (format and integrity pass)."""
     data = graph.SerializeToString()
     m = dataclasses.replace(like, graph_sha256=sha256_bytes(data), graph_bytes=len(data), **changes)
     m = dataclasses.replace(m, patch_id=derive_patch_id(m.to_json()))
@@ -470,14 +489,14 @@ def test_suppression_graph_that_touches_another_logit_refused(base, suppression,
     edited = copy.deepcopy(graph)
     node = next(n for n in edited.graph.node if n.name == where.name)
     node.op_type, node.input[:] = "Identity", [where.input[1]]
-    evil = forge_suppression(tmp_path / "all-capped.pepatch", m, edited)
+    evil = forge_graph(tmp_path / "all-capped.pepatch", m, edited)
     # run on its own (as a runtime without checks would), it lowers logits other than 3
     f = PatchedModel(base.path, base=base).logits(mlp_bundle.dataset.x_test)
     out = make_session(edited.SerializeToString()).run(None, {m.logits_name: f})[0]
     assert (out[:, [0, 1, 2, 4, 5, 6, 7, 8, 9]] != f[:, [0, 1, 2, 4, 5, 6, 7, 8, 9]]).any()
     assert_refused(base, [evil], "structure", "not the canonical suppression graph")
     # the same graph also capping class 5 (a valid suppression of [3, 5]) under a manifest naming [3]
-    wider = forge_suppression(tmp_path / "wider.pepatch", m, suppression_graph(m, [3, 5], 1.0))
+    wider = forge_graph(tmp_path / "wider.pepatch", m, suppression_graph(m, [3, 5], 1.0))
     assert_refused(base, [wider], "certificate", r"graph suppresses classes \[3, 5\], its manifest says \[3\]")
 
 
@@ -489,7 +508,7 @@ def test_suppression_without_a_positive_margin_refused(base, suppression, tmp_pa
     """Graph and manifest agree on the margin (structure passes); a margin <= 0 would let class 3 tie or
     win: the certificate check refuses it."""
     _, m = suppression
-    evil = forge_suppression(tmp_path / "margin.pepatch", m, suppression_graph(m, classes, margin),
+    evil = forge_graph(tmp_path / "margin.pepatch", m, suppression_graph(m, classes, margin),
                              suppress={"classes": classes, "margin": margin})
     assert_refused(base, [evil], "certificate", match)
 
@@ -502,7 +521,7 @@ def test_suppression_without_a_positive_margin_refused(base, suppression, tmp_pa
 ])
 def test_suppression_of_the_wrong_class_refused(base, suppression, tmp_path, manifest_classes, graph_classes, match):
     _, m = suppression
-    evil = forge_suppression(tmp_path / "k.pepatch", m, suppression_graph(m, graph_classes, 1.0),
+    evil = forge_graph(tmp_path / "k.pepatch", m, suppression_graph(m, graph_classes, 1.0),
                              suppress={"classes": manifest_classes, "margin": 1.0})
     assert_refused(base, [evil], "certificate", match)
 
@@ -582,14 +601,14 @@ def test_affine_weights_differing_from_the_manifest_refused(base, affine_suppres
     b = np.float32(m.suppress["affine"]["bias"][0])
     w2 = w.copy()
     w2[5] = np.nextafter(w2[5], np.float32(np.inf))
-    evil = forge_suppression(tmp_path / "w.pepatch", m, affine_graph(m, w2, b))
+    evil = forge_graph(tmp_path / "w.pepatch", m, affine_graph(m, w2, b))
     assert_refused(base, [evil], "certificate", r"graph affine margin differs from its manifest in 1 numbers")
-    evil = forge_suppression(tmp_path / "b.pepatch", m, affine_graph(m, w, b - 40))
+    evil = forge_graph(tmp_path / "b.pepatch", m, affine_graph(m, w, b - 40))
     assert_refused(base, [evil], "certificate", r"graph affine margin differs from its manifest in 1 numbers")
     # an affine graph under a manifest with a constant margin, and the reverse
-    evil = forge_suppression(tmp_path / "c.pepatch", m, affine_graph(m, w, b), suppress={"classes": [3], "margin": 1.0})
+    evil = forge_graph(tmp_path / "c.pepatch", m, affine_graph(m, w, b), suppress={"classes": [3], "margin": 1.0})
     assert_refused(base, [evil], "certificate", "graph has an affine margin, its manifest says a constant margin")
-    evil = forge_suppression(tmp_path / "d.pepatch", m, suppression_graph(m, [3], 1.0))
+    evil = forge_graph(tmp_path / "d.pepatch", m, suppression_graph(m, [3], 1.0))
     assert_refused(base, [evil], "certificate", "graph has a constant margin, its manifest says an affine margin")
 
 
@@ -599,7 +618,7 @@ def test_affine_floor_not_positive_refused(base, affine_suppression, tmp_path, f
     class 3 could tie or win: the certificate refuses it."""
     _, m = affine_suppression
     a = m.suppress["affine"]
-    evil = forge_suppression(tmp_path / "f.pepatch", m, affine_graph(m, a["weights"][0], a["bias"][0], floor),
+    evil = forge_graph(tmp_path / "f.pepatch", m, affine_graph(m, a["weights"][0], a["bias"][0], floor),
                              suppress=_affine_doc(m, margin=floor))
     assert_refused(base, [evil], "certificate", "margin expected > 0")
 
@@ -614,7 +633,7 @@ def test_affine_max_clamp_removed_refused(base, affine_suppression, mlp_bundle, 
     edited = copy.deepcopy(graph)
     node = next(n for n in edited.graph.node if n.op_type == "Max")
     node.op_type, node.input[:] = "Identity", [node.input[0]]
-    evil = forge_suppression(tmp_path / "nomax.pepatch", m, edited, suppress=_affine_doc(m, bias=-60.0))
+    evil = forge_graph(tmp_path / "nomax.pepatch", m, edited, suppress=_affine_doc(m, bias=-60.0))
     f = PatchedModel(base.path, base=base).logits(mlp_bundle.dataset.x_test)
     out = make_session(edited.SerializeToString()).run(None, {m.logits_name: f})[0]
     assert (out.argmax(1) == 3).any()
@@ -629,7 +648,7 @@ def test_affine_non_finite_weights_refused(base, affine_suppression, tmp_path):
     for bad in (np.nan, np.inf):
         w = np.array(a["weights"][0], np.float32)
         w[2] = bad
-        evil = forge_suppression(tmp_path / f"g{bad}.pepatch", m, affine_graph(m, w, a["bias"][0]))
+        evil = forge_graph(tmp_path / f"g{bad}.pepatch", m, affine_graph(m, w, a["bias"][0]))
         assert_refused(base, [evil], "certificate", "expected finite, found NaN or inf in the graph")
     doc = m.to_json()
     doc["suppress"]["affine"]["weights"][0][2] = float("nan")
@@ -648,11 +667,11 @@ def test_affine_weights_outside_policy_refused(base, affine_suppression, tmp_pat
     a = m.suppress["affine"]
     w = np.array(a["weights"][0], np.float32)
     w[0] = 100.0
-    evil = forge_suppression(tmp_path / "big.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
+    evil = forge_graph(tmp_path / "big.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
     assert_refused(base, [evil], "certificate", r"\|w\| <= 16 and \|b\| <= 10000 expected \(device policy\), found 100")
     verify_patch(evil, base, DevicePolicy(max_abs_T=128.0))
     w[0] = 1e30
-    huge = forge_suppression(tmp_path / "huge.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
+    huge = forge_graph(tmp_path / "huge.pepatch", m, affine_graph(m, w, a["bias"][0]), suppress=_affine_doc(m, weights=w))
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"max_abs_T": 1e31}))
     assert_refused(base, [huge], "certificate", "could overflow float32", "--policy", policy_file,

@@ -1159,6 +1159,20 @@ def test_integer_product_is_exact_at_extreme_codes():
             for i in range(0, len(z), batch)
         ])
         np.testing.assert_array_equal(got, want)
+    # Across patches: a device composes every verified patch into one gate graph, one product per group of
+    # records with the same gated tensors and step (runtime.compose); two groups here, int8 operands unpacked.
+    from prune_edge.runtime.patchgraph import GateGroup, gate_nodes
+
+    groups = [GateGroup(gated, signs[:9], np.full(9, 1e-6, np.float32), STEP_LOG2),
+              GateGroup(gated, signs[9:], np.full(p - 9, 1e-6, np.float32), STEP_LOG2 - 1)]
+    nodes, inits, _ = gate_nodes(PREFIX, groups)
+    outs = [PREFIX + f"g{i}_nexcess" for i in range(2)]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("wide", onnx.TensorProto.FLOAT, ["N", m])],
+                                   [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.INT32, None) for o in outs], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR)
+    g0, g1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"wide": z})
+    np.testing.assert_array_equal(-g0[:, :9], want[:, :9])
+    np.testing.assert_array_equal(-g1[:, : p - 9], excess_of(quantize(z, STEP_LOG2 - 1), signs[9:]))
 
 
 def test_gate_reads_every_negative_as_inactive():
