@@ -1,8 +1,9 @@
 """Merge a chain of verified patches into one patch file with the same outputs (``prune-edge compact``).
 
 A device composes every record of every patch into one gated correction, records in patch order
-(:mod:`prune_edge.runtime.compose`), and the most-open record acts, first on ties. Concatenating the
-records of the chain in that same order into one patch therefore gives the same graph arithmetic,
+(:mod:`prune_edge.runtime.compose`), and one record, selected over all of them, acts (first on ties; the
+selection values are a function of all the records' signs). Concatenating the records of the chain in
+that same order into one patch therefore gives the same graph arithmetic,
 hence the same logits, and keeps every record's certificate data unchanged: ``certify`` of the result
 re-checks them all, and its manifest names the ids it ``replaces``. Torch-free (numpy + runtime).
 """

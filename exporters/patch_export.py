@@ -78,10 +78,10 @@ def compression_order(signs: np.ndarray, block: int = 2048) -> np.ndarray:
     in Hamming distance from the first record (ties to the lowest index), within consecutive blocks of
     ``block`` records (a block's distance matrix is one float32 product, exact below 2^24 columns). The
     graph stores the signs neuron-major, one bit per record, so similar neighbours make the long runs
-    deflate finds (200-point patch: sign bits 6.4 -> 5.1 KB, measured). The order changes no output:
-    the device applies the record with the most-open gate, and only an exact tie between two gate
-    scores (the first wins) could see it; on a record's own region its gate is 1 and every other is
-    below 1."""
+    deflate finds (200-point patch: sign bits 6.4 -> 5.1 KB, measured). The order changes no output on
+    any record's region (the record with that pattern acts, gate 1) nor where one record has the highest
+    selection score; where two tie, the first acts, so the server evaluates the records in this order
+    (every figure comes from the bytes it ships)."""
     s = np.asarray(signs, np.float32)
     order: list[int] = []
     for lo in range(0, len(s), block):

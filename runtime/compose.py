@@ -2,8 +2,7 @@
 
 The base graph is copied, never edited in place. Every record of every patch joins one gated
 correction (:mod:`.patchgraph`): records that gate on the same base tensors share one integer
-product, all of them compete in one (two-stage) argmax, and the most-open record alone corrects the
-base logits. So a device pays per record, not per patch file, and a long chain of patches runs as
+selection (:func:`.patchgraph.gate_nodes`), and one record alone corrects the base logits. So a device pays per record, not per patch file, and a long chain of patches runs as
 one batched patch. Suppression patches (mode ``suppress``) are applied after that correction, merged into one
 suppression (:func:`.patchgraph.merge_suppressions`): ``gated correction -> suppression -> logits``.
 The runtime builds this graph from the verified parameters (the very numbers whose canonical
@@ -109,9 +108,9 @@ def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], log
     if records:
         corrected = prefix + "gated_logits" if suppressions else logits
         T, t = np.concatenate(Ts), np.concatenate(ts)
-        nodes, inits, pre = gate_nodes(prefix, groups)
         opset = patches[0].manifest.base_opset  # the base's (check_binding)
-        more_nodes, more_inits = correction_nodes(prefix, pre, base_logits, T, t, form_of_tables(T), corrected, opset)
+        nodes, inits, gate, k = gate_nodes(prefix, groups, opset)
+        more_nodes, more_inits = correction_nodes(prefix, gate, k, base_logits, T, t, form_of_tables(T), corrected)
         nodes, inits = nodes + more_nodes, inits + more_inits
     if suppressions:  # after the gated correction: no record targets a suppressed class (verify)
         n_classes = patches[0].manifest.n_classes

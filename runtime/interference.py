@@ -1,9 +1,10 @@
 """Which records of the patches a device runs together could break each other's certificates.
 
 A record's gate is exactly 1 on its linear region (the inputs whose gated pre-activations have its
-sign pattern) and below 1 everywhere else, and only the most-open gate acts (:mod:`.patchgraph`). So
-record A's certificate can only be disturbed where another record B's gate is also 1, i.e. where both
-regions meet. Gated tensors are always a suffix of the base's Relu inputs (the base card enforces
+sign pattern) and below 1 everywhere else, and one selected record acts (:mod:`.patchgraph`): on a
+record's region, a record with its very pattern, gate 1, or one of another group whose gate is 1 there
+too. So record A's certificate can only be disturbed where another record B's gate is also 1, i.e. where
+both regions meet. Gated tensors are always a suffix of the base's Relu inputs (the base card enforces
 it), so of two records one gates on a suffix of the other's tensors, and their regions meet exactly
 when their patterns agree on that common suffix (then the longer one's region lies inside the
 shorter one's). That is an integer comparison, not an LP: exact, and cheap enough for a device.

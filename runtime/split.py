@@ -5,7 +5,7 @@ patches without any code of ours: session 1 runs the base with its tapped tensor
 (the gated Relu inputs and the logits: the same graph, the same weights, so the same float32 values
 the Python runtime's gates read), and session 2 runs the patch correction, fed with those tensors,
 and outputs the patched logits. Every record of every patch joins that one correction, with the
-same semantics as :func:`.compose.compose` (the most-open record acts, first on ties), so a chain
+same semantics as :func:`.compose.compose` (one selected record acts, :mod:`.patchgraph`), so a chain
 runs as one session, not one per file.
 
 The split is made only from patches that passed every check (:func:`.verify.verify_patch`,

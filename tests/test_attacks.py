@@ -392,21 +392,36 @@ def test_unbounded_parameters_refused(base, honest, mlp_bundle, forget_ids, tmp_
 
 
 # ----------------------------------------------------------------------------- h) the honest chain
-def test_product_weights_past_64_refused(base, patches, monkeypatch, tmp_path):
-    """Format 5's guarantee that no int8 weight of the gate's product exceeds 64 (so x86 kernels that add
-    pairs of products in saturating int16 stay exact) holds for every file a device accepts: the honest
-    patch's own graph rebuilt with |v|_1 in chunks of 128 (format 4's -128 rows), the file re-hashed
-    with a re-derived id, is refused by the structure check, in both modes."""
+def test_selection_that_does_not_separate_the_records_refused(base, patches, mlp_bundle, forget_ids, monkeypatch, tmp_path):
+    """Format 6 selects the acting record by the signs of a few gated values, and its certificate needs
+    those values to tell every two records' patterns apart (then on a record's region that record is
+    selected, gate 1). An attacker's graph selecting on one value only, the honest patch's own records,
+    re-hashed with a re-derived id: run as it stands, it selects the wrong record on forget points (their
+    gate below 1, the certified change gone), and the structure check refuses it, in both modes (the
+    device recomputes the selection values from the signs it verified)."""
     from prune_edge.runtime import patchgraph
 
+    x = mlp_bundle.dataset.x_train[forget_ids]
+    z = gated_values(base, x)
     for mode in ("prune", "collapse"):
         m, params = unchecked_parts(patches[mode][0])
+        assert len(patchgraph.selection_neurons(params.signs)) > 1
         with monkeypatch.context() as mp:
-            mp.setattr(patchgraph, "L1_BASE", 128)
+            mp.setattr(patchgraph, "selection_neurons", lambda signs: np.array([0], np.int64))
             graph = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
-        weights = onnx.numpy_helper.to_array(next(i for i in graph.graph.initializer if i.name == PREFIX + "g0_l1_w"))
-        assert weights.min() == -128  # the attacker's graph does carry the overflowing rows
-        evil = forge_graph(tmp_path / f"l1-128-{mode}.pepatch", m, graph)
+        # the attacker's graph, run as it stands on the forget points' own gated values
+        tapped = copy.deepcopy(graph)
+        tapped.graph.output.append(helper.make_tensor_value_info(PREFIX + "gate_max", onnx.TensorProto.FLOAT, None))
+        feeds = {m.logits_name: np.zeros((len(x), m.n_classes), np.float32)}
+        at = z.shape[1] - m.gated_size
+        for g in m.gated:
+            feeds[g.name] = z[:, at : at + g.size].reshape(len(x), *g.shape)
+            at += g.size
+        gate = make_session(tapped.SerializeToString()).run([PREFIX + "gate_max"], feeds)[0]
+        assert (gate < 1).sum() >= len(x) // 2, "one value cannot select the right record for most points"
+        honest_gate = composed(base, [unchecked(patches[mode][0])], x, expose_gates=True)[-2]
+        assert (honest_gate == 1).all()
+        evil = forge_graph(tmp_path / f"select-one-{mode}.pepatch", m, graph)
         assert_refused(base, [evil], "structure", "not the canonical gated-affine graph")
 
 

@@ -119,7 +119,7 @@ byte_edits = hs.lists(
 
 
 PACKED_SIGNS = PREFIX + "g0_signs_packed"
-VALUE_TABLES = {PACKED_SIGNS, PREFIX + "t_table"}
+VALUE_TABLES = {PACKED_SIGNS, PREFIX + "t_table", PREFIX + "t_table16"}  # t16: the t table when every value is a float16
 
 
 def apply_edits(data: bytes, edits) -> bytes:

@@ -30,6 +30,7 @@ from prune_edge.runtime.patchgraph import (  # noqa: E402
     excess_of,
     extract_params,
     quantize,
+    selection_neurons,
     sign_pattern,
     spec_rows,
 )
@@ -89,14 +90,15 @@ def device_preacts(onnx_path, names: list[str], x: np.ndarray) -> tuple[np.ndarr
 def reference_gates(z32: np.ndarray, params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The gate semantics, recomputed from the device's float32 pre-activations: each value read as the
     odd integer v (``quantize``), excess_k = |v|_1 - v.s_k, pre_k = 1 - gamma_k delta/4 excess_k, and only
-    the most-open record k* = argmax pre (first on ties) acts, with g = clip(pre[k*], 0, 1).
-    Returns (k*, g, excess)."""
+    the selected record k* = the first argmax of v_A . s_k,A over the selection values A
+    (``selection_neurons``) acts, with its own g = clip(pre[k*], 0, 1). Returns (k*, g, excess)."""
     v = quantize(z32, params.scale_log2)
     excess = excess_of(v, params.signs)
     # the definition, independently: 2 sum_i relu(-s_ki v_i)
     np.testing.assert_array_equal(excess, 2 * np.maximum(-(v[:, None, :] * params.signs[None].astype(np.int64)), 0).sum(2))
     pre = 1.0 - params.gamma.astype(np.float64)[None] * (params.delta / 4) * excess
-    k = pre.argmax(axis=1)
+    a = selection_neurons(params.signs)
+    k = (v[:, a].astype(np.int64) @ params.signs[:, a].T.astype(np.int64)).argmax(axis=1)
     g = np.clip(pre[np.arange(len(pre)), k], 0.0, 1.0)
     return k, g, excess
 
