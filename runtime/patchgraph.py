@@ -224,7 +224,7 @@ def form_of_tables(T: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- graph
 @dataclass(frozen=True)
 class GateGroup:
-    """Records that gate on the same base tensors with the same step: one integer product for all."""
+    """Records that gate on the same base tensors with the same step: one selection among all of them."""
 
     gated: tuple[GatedTensor, ...]
     signs: np.ndarray  # int8 (P_g, M_g)
@@ -354,14 +354,79 @@ def _argmax_nodes(p: str, scores: str, n_cols: int, opset: int) -> tuple[list[on
     return nodes, inits
 
 
+def _quantize_nodes(prefix: str, p: str, gated: Sequence[GatedTensor]) -> tuple[list[onnx.NodeProto], str, str]:
+    """Nodes reading a group's gated tensors, flattened and concatenated to (N, M), as the odd integers v:
+    uint8 codes ``p + "va"`` (zero point 128) and their float32 values ``p + "vd"``."""
+    nodes, flat = [], []
+    for i, g in enumerate(gated):
+        z = g.name  # already (N, M_i)
+        if len(g.shape) != 1:
+            z = f"{p}flat{i}"
+            nodes.append(helper.make_node("Flatten", [g.name], [z], axis=1, name=z))
+        flat.append(z)
+    z = flat[0]
+    if len(flat) > 1:  # one (N, M) tensor: every later op runs once, on contiguous rows
+        z = p + "z"
+        nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
+    va, vd = p + "va", p + "vd"
+    nodes += [
+        # floor(z / delta) >= 0 exactly where z >= 0: the activation as the ReLU sees it
+        helper.make_node("Mul", [z, p + "inv_delta"], [p + "y"], name=p + "y"),
+        helper.make_node("Floor", [p + "y"], [p + "fl"], name=p + "fl"),
+        # codes 2 floor + 129 (saturating at 0 and 255): read with zero point 128, the odd v = 2 floor + 1
+        helper.make_node("QuantizeLinear", [p + "fl", prefix + "half_unit", prefix + "zp_odd"], [va], name=va),
+        helper.make_node("DequantizeLinear", [va, prefix + "unit", prefix + "zp"], [vd], name=vd),
+    ]
+    return nodes, va, vd
+
+
+def _selection_nodes(prefix: str, p: str, va: str, n_cols: int, opset: int
+                     ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Stage 1: ``p + "k1"`` (N, 1), the first record maximising v_A . s_A, and the constant tables of the
+    group (folded at load: (P, M) sign rows, the (|A|, P') selection table, -2 neg_w)."""
+    nodes = [
+        helper.make_node("Transpose", [p + "signs"], [p + "rows"], perm=[1, 0], name=p + "rows"),
+        helper.make_node("Gather", [p + "signs", p + "select"], [p + "sel_cols"], axis=0, name=p + "sel_cols"),
+        helper.make_node("Pad", [p + "sel_cols", p + "pad"], [p + "sel_table"], mode="edge", name=p + "sel_table"),
+        helper.make_node("Mul", [p + "neg_w", prefix + "minus_two"], [p + "pos_w"], name=p + "pos_w"),
+        # the codes at A, (N, |A|): a Gather along rows of the transposed codes (onnxruntime gathers
+        # columns one byte at a time: 53 against 20 us for 22 of 384 values at batch 256)
+        helper.make_node("Transpose", [va], [p + "va_t"], perm=[1, 0], name=p + "va_t"),
+        helper.make_node("Gather", [p + "va_t", p + "select"], [p + "va_sel_t"], axis=0, name=p + "va_sel_t"),
+        helper.make_node("Transpose", [p + "va_sel_t"], [p + "va_sel"], perm=[1, 0], name=p + "va_sel"),
+        # v_A . s_k,A for every record, exact int32, and its first maximal column
+        helper.make_node("MatMulInteger", [p + "va_sel", p + "sel_table", prefix + "zp"], [p + "sel"], name=p + "sel"),
+    ]
+    more_nodes, inits = _argmax_nodes(p, p + "sel", n_cols, opset)
+    return nodes + more_nodes, inits
+
+
+def _own_gate_nodes(prefix: str, p: str, vd: str, gate: str) -> list[onnx.NodeProto]:
+    """Stage 2: the gate ``gate`` (N, 1) of the record ``p + "k1"`` alone, from its sign row."""
+    return [
+        helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"),
+        # -excess / 2 = sum_i min(s_i v_i, 0): integers, exact in float32 in any order
+        helper.make_node("Gather", [p + "rows", p + "k"], [p + "srow8"], axis=0, name=p + "srow8"),
+        helper.make_node("Cast", [p + "srow8"], [p + "srow"], to=TensorProto.FLOAT, name=p + "srow"),
+        helper.make_node("Mul", [p + "srow", vd], [p + "sv"], name=p + "sv"),
+        helper.make_node("Min", [p + "sv", prefix + "zero"], [p + "miss"], name=p + "miss"),
+        helper.make_node("ReduceSum", [p + "miss", prefix + "axis1"], [p + "nex"], keepdims=1, name=p + "nex"),
+        # (-excess/2) (-2 neg_w) = neg_w excess: the same real product, so the same single float32 rounding
+        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
+        helper.make_node("Mul", [p + "nex", p + "pw"], [p + "score"], name=p + "score"),
+        helper.make_node("Add", [p + "score", prefix + "one"], [p + "gpre"], name=p + "gpre"),
+        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
+    ]
+
+
 def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: bool = False
                ) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
     """Nodes writing the acting record's gate ``prefix + "gate_max"`` (N, 1) and its index
     ``prefix + "k"`` (N,) int64 among every record of every group, in group order.
 
-    Per group, on its gated tensors flattened and concatenated to (N, M): floor(z / delta), then one QuantizeLinear with
-    scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read back with zero point
-    128: saturation keeps the sign). Then two stages:
+    Per group, on its gated tensors flattened and concatenated to (N, M): floor(z / delta), then one
+    QuantizeLinear with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read
+    back with zero point 128: saturation keeps the sign). Then two stages:
     1. *selection*: the codes at the group's :func:`selection_neurons` A, times the records' signs there,
        in one uint8 x int8 MatMulInteger (weights +-1: exact int32 on every kernel, an int16 pair is at
        most 2 x 255), ``sel_k = v_A . s_k,A``; k = the first maximal column (:func:`_argmax_nodes`).
@@ -391,76 +456,26 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
         _init(prefix + "unit", np.array(1.0, np.float32)),
         _init(prefix + "axis1", np.array([1], np.int64)),
     ]
-    zp = prefix + "zp"
     single = len(groups) == 1
     gates, ks = [], []
     for gi, group in enumerate(groups):
         p = f"{prefix}g{gi}_"
-        delta = float(2.0**group.scale_log2)
         n_rec = int(group.signs.shape[0])
         pad = -n_rec % SELECT_BLOCK
-        select = selection_neurons(group.signs)
-        flat = []
-        for i, g in enumerate(group.gated):
-            z = g.name  # already (N, M_i)
-            if len(g.shape) != 1:
-                z = f"{p}flat{i}"
-                nodes.append(helper.make_node("Flatten", [g.name], [z], axis=1, name=z))
-            flat.append(z)
-        z = flat[0]
-        if len(flat) > 1:  # one (N, M) tensor: every later op runs once, on contiguous rows
-            z = p + "z"
-            nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
-        va, vd = p + "va", p + "vd"
-        nodes += [
-            # floor(z / delta) >= 0 exactly where z >= 0: the activation as the ReLU sees it
-            helper.make_node("Mul", [z, p + "inv_delta"], [p + "y"], name=p + "y"),
-            helper.make_node("Floor", [p + "y"], [p + "fl"], name=p + "fl"),
-            # codes 2 floor + 129 (saturating at 0 and 255): read with zero point 128, the odd v = 2 floor + 1
-            helper.make_node("QuantizeLinear", [p + "fl", prefix + "half_unit", prefix + "zp_odd"], [va], name=va),
-            helper.make_node("DequantizeLinear", [va, prefix + "unit", zp], [vd], name=vd),
-        ]
         gate = prefix + "gate_max" if single else p + "gate"
-        nodes += [
-            # constants, folded at load: (P, M) sign rows, (|A|, P') selection table, -neg_w
-            helper.make_node("Transpose", [p + "signs"], [p + "rows"], perm=[1, 0], name=p + "rows"),
-            helper.make_node("Gather", [p + "signs", p + "select"], [p + "sel_cols"], axis=0, name=p + "sel_cols"),
-            helper.make_node("Pad", [p + "sel_cols", p + "pad"], [p + "sel_table"], mode="edge", name=p + "sel_table"),
-            helper.make_node("Mul", [p + "neg_w", prefix + "minus_two"], [p + "pos_w"], name=p + "pos_w"),
-            # stage 1: v_A . s_k,A for every record, exact int32, and its first maximal column
-            # the codes at A, (N, |A|): a Gather along rows of the transposed codes (onnxruntime gathers
-            # columns one byte at a time: 53 against 20 us for 22 of 384 values at batch 256)
-            helper.make_node("Transpose", [va], [p + "va_t"], perm=[1, 0], name=p + "va_t"),
-            helper.make_node("Gather", [p + "va_t", p + "select"], [p + "va_sel_t"], axis=0, name=p + "va_sel_t"),
-            helper.make_node("Transpose", [p + "va_sel_t"], [p + "va_sel"], perm=[1, 0], name=p + "va_sel"),
-            helper.make_node("MatMulInteger", [p + "va_sel", p + "sel_table", zp], [p + "sel"], name=p + "sel"),
-        ]
-        more_nodes, more_inits = _argmax_nodes(p, p + "sel", n_rec + pad, opset)
-        nodes += more_nodes
-        inits += more_inits
-        nodes += [
-            helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"),
-            # stage 2: the chosen record's excess, -excess/2 = sum_i min(s_i v_i, 0), integers exact in float32
-            helper.make_node("Gather", [p + "rows", p + "k"], [p + "srow8"], axis=0, name=p + "srow8"),
-            helper.make_node("Cast", [p + "srow8"], [p + "srow"], to=TensorProto.FLOAT, name=p + "srow"),
-            helper.make_node("Mul", [p + "srow", vd], [p + "sv"], name=p + "sv"),
-            helper.make_node("Min", [p + "sv", prefix + "zero"], [p + "miss"], name=p + "miss"),
-            helper.make_node("ReduceSum", [p + "miss", prefix + "axis1"], [p + "nex"], keepdims=1, name=p + "nex"),
-            # (-excess/2) (-2 neg_w) = neg_w excess: the same real product, so the same single float32 rounding
-            helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
-            helper.make_node("Mul", [p + "nex", p + "pw"], [p + "score"], name=p + "score"),
-            helper.make_node("Add", [p + "score", prefix + "one"], [p + "gpre"], name=p + "gpre"),
-            helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
-        ]
-        inits.append(_init(p + "inv_delta", np.array(1.0 / delta, np.float32)))  # exact: delta is a power of two
+        q_nodes, va, vd = _quantize_nodes(prefix, p, group.gated)
+        s_nodes, s_inits = _selection_nodes(prefix, p, va, n_rec + pad, opset)
+        nodes += q_nodes + s_nodes + _own_gate_nodes(prefix, p, vd, gate)
+        inits += s_inits
+        inits.append(_init(p + "inv_delta", np.array(2.0 ** -group.scale_log2, np.float32)))  # exact: a power of two
         if packed:
             more_nodes, more_inits = _unpack_nodes(p, pack_signs(group.signs), n_rec)
             nodes, inits = more_nodes + nodes, inits + more_inits
         else:
             inits.append(_init(p + "signs", np.ascontiguousarray(group.signs.T)))  # (M, P) int8
         inits += [
-            _init(p + "neg_w", neg_weight(group.gamma, delta)),
-            _init(p + "select", select),
+            _init(p + "neg_w", neg_weight(group.gamma, 2.0**group.scale_log2)),
+            _init(p + "select", selection_neurons(group.signs)),
             _init(p + "pad", np.array([0, 0, 0, pad], np.int64)),
         ]
         gates.append(gate)
