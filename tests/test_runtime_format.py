@@ -1393,6 +1393,34 @@ def test_ties_go_to_the_first_record():
     assert not np.allclose(run(swapped, z, f)[0], outs[0], atol=1e-3)  # a different first record, another correction
 
 
+def test_selection_values_separate_every_distinct_pattern():
+    """The certificate of format 6 needs: two records' signs agree on the selection values A only where their
+    whole patterns agree. Searched on the tables where that is hardest: patterns one or two flips apart
+    (a value only one pair disagrees on must be in A), duplicates, all 2^11 patterns, a single record;
+    and A is a function of the set of patterns (row order and repeats change nothing), as the device's
+    rebuild of a received graph and a chain's compaction need."""
+    rng = np.random.default_rng(41)
+    tables = [np.ones((1, M), np.int8), ((np.arange(2**M)[:, None] >> np.arange(M)[None]) & 1).astype(np.int8) * 2 - 1]
+    for _ in range(60):
+        m = int(rng.integers(5, 200))
+        base = rng.choice(np.array([-1, 1], np.int8), size=m)
+        rows = np.repeat(base[None], int(rng.integers(2, 40)), axis=0)
+        for row in rows[1:]:
+            row[rng.choice(m, size=int(rng.integers(1, 3)), replace=False)] *= -1
+        tables.append(np.concatenate([rows, rows[rng.integers(0, len(rows), size=5)]]))  # with repeats
+    for signs in tables:
+        a = selection_neurons(signs)
+        assert a.dtype == np.int64 and len(a) >= 1 and (np.diff(a) > 0).all() and a.max() < signs.shape[1]
+        whole = len(np.unique(signs, axis=0))
+        assert len(np.unique(signs[:, a], axis=0)) == whole
+        if whole == 2:  # one value that tells the two apart is enough, and greedy takes one
+            assert len(a) == 1
+        shuffled = signs[rng.permutation(len(signs))]
+        np.testing.assert_array_equal(selection_neurons(shuffled), a)
+        np.testing.assert_array_equal(selection_neurons(np.unique(signs, axis=0)), a)
+    assert len(selection_neurons(tables[1])) == M  # every pattern of M values needs all M
+
+
 def test_scale_choice():
     z = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
     e = choose_scale_log2(z)
