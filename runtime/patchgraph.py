@@ -12,7 +12,10 @@ sees it (``z >= 0`` is active)::
     out    = f + g * (T_k* f + t_k*)                             at most one record acts on an input
 
 A = :func:`selection_neurons` of the records' signs: the few gated values whose signs tell every two
-distinct patterns apart (22 of 384 for 500 random training points of the default MLP).
+distinct patterns apart (29 for 500 random training points of the default MLP), all inside a window W
+(:func:`screen_window`: 96 contiguous values of the 384). Format 7 quantizes only W for every input, computes
+k* and the bound ``clip(1 - gamma_k* delta/4 * excess_k*,W, 0, 1)`` there, and the exact gate on all M values only
+for the inputs whose bound is open (about 1 in 10 test images for a 500-record patch): the same gates, bit for bit.
 
 Why this shape (the certificate issue):
 - exact regions: ``excess_k = 0`` exactly when every gated neuron has the activation of record k's
@@ -33,7 +36,9 @@ Why this shape (the certificate issue):
   by one ReduceMax over blocks of 32 scores (two small ArgMax and a GatherND then find the first
   maximum; a TopK is 4x slower on 256 x 512 scores), and the exact gate costs one Gather of a sign row
   and an (N, M) Mul and sums. Format 5 took the product over all M values (with |v|_1 in chunks):
-  the 500-record set patch ran at 1.6x the base on one thread of an AVX2 CPU, format 6 at 1.3x.
+  the 500-record set patch ran at 1.6x the base on one thread of an AVX2 CPU, format 6 at 1.3x. Format 7's
+  screening leaves (N, |W|) of those passes plus the open rows' (1.25x -> 1.18x on one thread, 1.38x -> 1.31x on
+  two, in one process).
 Where every gate is 0 the correction is ``0 * (finite)``: the output equals the base logits (bit for bit,
 except that a logit of exactly -0.0 may come out as +0.0; device policy caps |T| and |t|, so the
 correction is always finite).
@@ -289,17 +294,48 @@ def _unpack_nodes(p: str, packed: np.ndarray, n_records: int) -> tuple[list[onnx
 SELECT_BLOCK = 32  # scores per block of the two-stage argmax: the score row is padded to a multiple of it
 
 
+SCREEN_WIDTH = 96  # gated values the first stage quantizes (a contiguous window), when M >= 2 of them
+SCREEN_STRIDE = 32  # where a window may start: 0, 32, 64, ...
+
+
+def screen_window(signs: np.ndarray) -> tuple[int, int]:
+    """(start, width) of the contiguous window of gated values the gate's first stage reads.
+
+    The first window of ``SCREEN_WIDTH`` values (starts on a ``SCREEN_STRIDE`` grid) whose signs alone
+    tell every two distinct patterns of ``signs`` apart, so the selection can look inside it; every value
+    (0, M) when M < 2 ``SCREEN_WIDTH`` (screening would save little) or no window separates the patterns.
+    A function of the signs alone: a device recomputes it from the parameters it verified."""
+    bits = np.asarray(signs) > 0
+    return _window(np.packbits(bits, axis=1).tobytes(), bits.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _window(packed: bytes, shape: tuple[int, int]) -> tuple[int, int]:
+    p, m = shape
+    if m < 2 * SCREEN_WIDTH:
+        return 0, m
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8).reshape(p, (m + 7) // 8), axis=1, count=m)
+    distinct = len(np.unique(bits, axis=0))
+    for start in range(0, m - SCREEN_WIDTH + 1, SCREEN_STRIDE):
+        if len(np.unique(bits[:, start : start + SCREEN_WIDTH], axis=0)) == distinct:
+            return start, SCREEN_WIDTH
+    return 0, m
+
+
 def selection_neurons(signs: np.ndarray) -> np.ndarray:
-    """The gated values whose signs tell every two distinct patterns of ``signs`` apart (sorted int64,
-    at least one): where the gate's first stage looks.
+    """The gated values whose signs tell every two distinct patterns of ``signs`` apart (sorted int64
+    indices into all M values, at least one, all inside :func:`screen_window`): where the gate's first
+    stage looks.
 
     Greedy and deterministic (a function of the signs alone, so a device recomputes it from the
-    parameters it verified): each step adds the value that leaves the fewest pairs of patterns with
-    equal signs on the chosen values, lowest index first on ties. Every step separates at least one
-    pair (two distinct patterns differ somewhere the chosen values do not look), so it ends with every
-    distinct pattern alone; 500 random training points of the default MLP need 22 of 384 values."""
-    bits = np.asarray(signs) > 0
-    return _selection(np.packbits(bits, axis=1).tobytes(), bits.shape).copy()
+    parameters it verified): each step adds the window's value that leaves the fewest pairs of patterns
+    with equal signs on the chosen values, lowest index first on ties. Every step separates at least one
+    pair (two distinct patterns differ somewhere in the window the chosen values do not look), so it ends
+    with every distinct pattern alone; 500 random training points of the default MLP need 29 of the 96
+    values of the window (22 of all 384)."""
+    start, width = screen_window(signs)
+    bits = np.asarray(signs)[:, start : start + width] > 0
+    return start + _selection(np.packbits(bits, axis=1).tobytes(), bits.shape)
 
 
 @functools.lru_cache(maxsize=16)
@@ -354,9 +390,8 @@ def _argmax_nodes(p: str, scores: str, n_cols: int, opset: int) -> tuple[list[on
     return nodes, inits
 
 
-def _quantize_nodes(prefix: str, p: str, gated: Sequence[GatedTensor]) -> tuple[list[onnx.NodeProto], str, str]:
-    """Nodes reading a group's gated tensors, flattened and concatenated to (N, M), as the odd integers v:
-    uint8 codes ``p + "va"`` (zero point 128) and their float32 values ``p + "vd"``."""
+def _flatten_nodes(p: str, gated: Sequence[GatedTensor]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Each gated tensor as (N, M_i) (a Flatten where it has more than one value axis)."""
     nodes, flat = [], []
     for i, g in enumerate(gated):
         z = g.name  # already (N, M_i)
@@ -364,23 +399,32 @@ def _quantize_nodes(prefix: str, p: str, gated: Sequence[GatedTensor]) -> tuple[
             z = f"{p}flat{i}"
             nodes.append(helper.make_node("Flatten", [g.name], [z], axis=1, name=z))
         flat.append(z)
-    z = flat[0]
-    if len(flat) > 1:  # one (N, M) tensor: every later op runs once, on contiguous rows
-        z = p + "z"
-        nodes.append(helper.make_node("Concat", flat, [z], axis=1, name=z))
-    va, vd = p + "va", p + "vd"
-    nodes += [
+    return nodes, flat
+
+
+def _concat(nodes: list[onnx.NodeProto], parts: list[str], name: str) -> str:
+    """One (N, sum) tensor of ``parts`` along axis 1 (the part itself when there is one)."""
+    if len(parts) == 1:
+        return parts[0]
+    nodes.append(helper.make_node("Concat", parts, [name], axis=1, name=name))
+    return name
+
+
+def _quantize_nodes(prefix: str, p: str, z: str, sfx: str = "") -> tuple[list[onnx.NodeProto], str, str]:
+    """Nodes reading gated values z (N, m) as the odd integers v: uint8 codes ``p + "va" + sfx`` (zero
+    point 128) and their float32 values ``p + "vd" + sfx``."""
+    va, vd = p + "va" + sfx, p + "vd" + sfx
+    return [
         # floor(z / delta) >= 0 exactly where z >= 0: the activation as the ReLU sees it
-        helper.make_node("Mul", [z, p + "inv_delta"], [p + "y"], name=p + "y"),
-        helper.make_node("Floor", [p + "y"], [p + "fl"], name=p + "fl"),
+        helper.make_node("Mul", [z, p + "inv_delta"], [p + "y" + sfx], name=p + "y" + sfx),
+        helper.make_node("Floor", [p + "y" + sfx], [p + "fl" + sfx], name=p + "fl" + sfx),
         # codes 2 floor + 129 (saturating at 0 and 255): read with zero point 128, the odd v = 2 floor + 1
-        helper.make_node("QuantizeLinear", [p + "fl", prefix + "half_unit", prefix + "zp_odd"], [va], name=va),
+        helper.make_node("QuantizeLinear", [p + "fl" + sfx, prefix + "half_unit", prefix + "zp_odd"], [va], name=va),
         helper.make_node("DequantizeLinear", [va, prefix + "unit", prefix + "zp"], [vd], name=vd),
-    ]
-    return nodes, va, vd
+    ], va, vd
 
 
-def _selection_nodes(prefix: str, p: str, va: str, n_cols: int, opset: int
+def _selection_nodes(prefix: str, p: str, va: str, select_in: str, n_cols: int, opset: int
                      ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     """Stage 1: ``p + "k1"`` (N, 1), the first record maximising v_A . s_A, and the constant tables of the
     group (folded at load: (P, M) sign rows, the (|A|, P') selection table, -2 neg_w)."""
@@ -392,7 +436,7 @@ def _selection_nodes(prefix: str, p: str, va: str, n_cols: int, opset: int
         # the codes at A, (N, |A|): a Gather along rows of the transposed codes (onnxruntime gathers
         # columns one byte at a time: 53 against 20 us for 22 of 384 values at batch 256)
         helper.make_node("Transpose", [va], [p + "va_t"], perm=[1, 0], name=p + "va_t"),
-        helper.make_node("Gather", [p + "va_t", p + "select"], [p + "va_sel_t"], axis=0, name=p + "va_sel_t"),
+        helper.make_node("Gather", [p + "va_t", select_in], [p + "va_sel_t"], axis=0, name=p + "va_sel_t"),
         helper.make_node("Transpose", [p + "va_sel_t"], [p + "va_sel"], perm=[1, 0], name=p + "va_sel"),
         # v_A . s_k,A for every record, exact int32, and its first maximal column
         helper.make_node("MatMulInteger", [p + "va_sel", p + "sel_table", prefix + "zp"], [p + "sel"], name=p + "sel"),
@@ -401,22 +445,63 @@ def _selection_nodes(prefix: str, p: str, va: str, n_cols: int, opset: int
     return nodes + more_nodes, inits
 
 
-def _own_gate_nodes(prefix: str, p: str, vd: str, gate: str) -> list[onnx.NodeProto]:
-    """Stage 2: the gate ``gate`` (N, 1) of the record ``p + "k1"`` alone, from its sign row."""
+def _own_gate_nodes(prefix: str, p: str, rows: str, k: str, k1: str, vd: str, gate: str, sfx: str = "") -> list[onnx.NodeProto]:
+    """The gate ``gate`` (n, 1) of records ``k`` (n,) / ``k1`` (n, 1) alone, from their sign rows in
+    ``rows`` (P, m) against the values ``vd`` (n, m)."""
+    n = lambda key: p + key + sfx  # noqa: E731
     return [
-        helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"),
         # -excess / 2 = sum_i min(s_i v_i, 0): integers, exact in float32 in any order
-        helper.make_node("Gather", [p + "rows", p + "k"], [p + "srow8"], axis=0, name=p + "srow8"),
-        helper.make_node("Cast", [p + "srow8"], [p + "srow"], to=TensorProto.FLOAT, name=p + "srow"),
-        helper.make_node("Mul", [p + "srow", vd], [p + "sv"], name=p + "sv"),
-        helper.make_node("Min", [p + "sv", prefix + "zero"], [p + "miss"], name=p + "miss"),
-        helper.make_node("ReduceSum", [p + "miss", prefix + "axis1"], [p + "nex"], keepdims=1, name=p + "nex"),
+        helper.make_node("Gather", [rows, k], [n("srow8")], axis=0, name=n("srow8")),
+        helper.make_node("Cast", [n("srow8")], [n("srow")], to=TensorProto.FLOAT, name=n("srow")),
+        helper.make_node("Mul", [n("srow"), vd], [n("sv")], name=n("sv")),
+        helper.make_node("Min", [n("sv"), prefix + "zero"], [n("miss")], name=n("miss")),
+        helper.make_node("ReduceSum", [n("miss"), prefix + "axis1"], [n("nex")], keepdims=1, name=n("nex")),
         # (-excess/2) (-2 neg_w) = neg_w excess: the same real product, so the same single float32 rounding
-        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
-        helper.make_node("Mul", [p + "nex", p + "pw"], [p + "score"], name=p + "score"),
-        helper.make_node("Add", [p + "score", prefix + "one"], [p + "gpre"], name=p + "gpre"),
-        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
+        helper.make_node("Gather", [p + "pos_w", k1], [n("pw")], axis=0, name=n("pw")),
+        helper.make_node("Mul", [n("nex"), n("pw")], [n("score")], name=n("score")),
+        helper.make_node("Add", [n("score"), prefix + "one"], [n("gpre")], name=n("gpre")),
+        helper.make_node("Clip", [n("gpre"), prefix + "zero", prefix + "one"], [gate], name=gate),
     ]
+
+
+def _window_nodes(p: str, flat: list[str], sizes: list[int], start: int, width: int
+                  ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """The window [start, start + width) of the concatenated gated values, (N, width): a Slice of each
+    gated tensor it covers (no copy of the other values)."""
+    nodes, inits, parts, at = [], [], [], 0
+    for i, (z, size) in enumerate(zip(flat, sizes)):
+        lo, hi = max(start, at), min(start + width, at + size)
+        if lo < hi:
+            name = f"{p}zw{i}"
+            nodes.append(helper.make_node("Slice", [z, f"{p}zw{i}_from", f"{p}zw{i}_to", f"{p}zw_axis"], [name], name=name))
+            inits += [_init(f"{p}zw{i}_from", np.array([lo - at], np.int64)), _init(f"{p}zw{i}_to", np.array([hi - at], np.int64))]
+            parts.append(name)
+        at += size
+    inits.append(_init(f"{p}zw_axis", np.array([1], np.int64)))
+    return nodes, inits, _concat(nodes, parts, p + "zw")
+
+
+def _candidate_nodes(prefix: str, p: str, flat: list[str], bound: str, gate: str) -> list[onnx.NodeProto]:
+    """Stage 3 of a screened gate: the exact gate of the inputs whose window bound ``bound`` (N, 1) is
+    open, scattered into the bound (which is exactly 0 at every other input)."""
+    nodes = [
+        helper.make_node("Greater", [bound, prefix + "zero"], [p + "open1"], name=p + "open1"),
+        helper.make_node("Squeeze", [p + "open1", prefix + "axis1"], [p + "open"], name=p + "open"),
+        helper.make_node("NonZero", [p + "open"], [p + "nz"], name=p + "nz"),  # (1, n) rows, ascending
+        helper.make_node("Transpose", [p + "nz"], [p + "idx"], perm=[1, 0], name=p + "idx"),
+        helper.make_node("Squeeze", [p + "nz", prefix + "axis0"], [p + "cand"], name=p + "cand"),
+        helper.make_node("Gather", [p + "k", p + "cand"], [p + "kc"], axis=0, name=p + "kc"),
+        helper.make_node("Gather", [p + "k1", p + "cand"], [p + "kc1"], axis=0, name=p + "kc1"),
+    ]
+    parts = []
+    for i, z in enumerate(flat):
+        name = f"{p}zc{i}"
+        nodes.append(helper.make_node("Gather", [z, p + "cand"], [name], axis=0, name=name))
+        parts.append(name)
+    q_nodes, _, vd = _quantize_nodes(prefix, p, _concat(nodes, parts, p + "z"))
+    nodes += q_nodes + _own_gate_nodes(prefix, p, p + "rows", p + "kc", p + "kc1", vd, p + "gc")
+    nodes.append(helper.make_node("ScatterND", [bound, p + "idx", p + "gc"], [gate], name=gate))
+    return nodes
 
 
 def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: bool = False
@@ -424,17 +509,24 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
     """Nodes writing the acting record's gate ``prefix + "gate_max"`` (N, 1) and its index
     ``prefix + "k"`` (N,) int64 among every record of every group, in group order.
 
-    Per group, on its gated tensors flattened and concatenated to (N, M): floor(z / delta), then one
+    Per group, on its gated tensors flattened to (N, M) values z: floor(z / delta), then one
     QuantizeLinear with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read
-    back with zero point 128: saturation keeps the sign). Then two stages:
-    1. *selection*: the codes at the group's :func:`selection_neurons` A, times the records' signs there,
-       in one uint8 x int8 MatMulInteger (weights +-1: exact int32 on every kernel, an int16 pair is at
-       most 2 x 255), ``sel_k = v_A . s_k,A``; k = the first maximal column (:func:`_argmax_nodes`).
-       The row is padded to a multiple of ``SELECT_BLOCK`` with copies of the last record's column, so
-       a tie sends any padding column back to that record.
+    back with zero point 128: saturation keeps the sign). First on the group's :func:`screen_window` W
+    alone (every value when W is all M), then:
+    1. *selection*: the codes at the group's :func:`selection_neurons` A (inside W), times the records'
+       signs there, in one uint8 x int8 MatMulInteger (weights +-1: exact int32 on every kernel, an int16
+       pair is at most 2 x 255), ``sel_k = v_A . s_k,A``; k = the first maximal column
+       (:func:`_argmax_nodes`). The row is padded to a multiple of ``SELECT_BLOCK`` with copies of the
+       last record's column, so a tie sends any padding column back to that record.
     2. *the gate of k alone*: its sign row (a Gather), ``sum_i min(s_ki v_i, 0) = -excess_k / 2`` in float32
        (integers below 2^24: exact in any order), times ``-2 neg_w_k`` (the same real product as
        ``neg_w_k excess_k``, so the same single float32 rounding), plus 1, clipped to [0, 1].
+    3. *screening* (format 7, when W is not all M): step 2 on W alone gives a bound, and step 2 on all
+       M values runs only for the inputs whose bound is open (NonZero, Gather of their rows), its gates
+       scattered into the bound. Exact: each value adds min(s v, 0) <= 0, so W's sum is at least all M's
+       (integers, exact in float32), float32 rounding is monotone, and the clip of a value <= 0 is 0: where
+       the bound is 0 the gate is 0. Every output is the unscreened graph's, bit for bit; the full
+       quantization and gate passes over (N, M) shrink to (N, |W|) plus the few open rows.
     Why it is sound: sel_k <= |v_A|_1 with equality exactly when x's signs on A are k's; A separates
     distinct patterns, so on record k's region the maximal columns are exactly the records with k's
     whole pattern, the first of them acts, and its excess is 0: gate 1. Elsewhere the acting gate is
@@ -463,9 +555,35 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
         n_rec = int(group.signs.shape[0])
         pad = -n_rec % SELECT_BLOCK
         gate = prefix + "gate_max" if single else p + "gate"
-        q_nodes, va, vd = _quantize_nodes(prefix, p, group.gated)
-        s_nodes, s_inits = _selection_nodes(prefix, p, va, n_rec + pad, opset)
-        nodes += q_nodes + s_nodes + _own_gate_nodes(prefix, p, vd, gate)
+        start, width = screen_window(group.signs)
+        screened = width < group.size
+        select = selection_neurons(group.signs)
+        f_nodes, flat = _flatten_nodes(p, group.gated)
+        nodes += f_nodes
+        if screened:
+            w_nodes, w_inits, zw = _window_nodes(p, flat, [g.size for g in group.gated], start, width)
+            q_nodes, va, vd = _quantize_nodes(prefix, p, zw, "_w")
+            nodes += w_nodes + q_nodes
+            inits += w_inits + [
+                _init(p + "win_from", np.array([start], np.int64)),
+                _init(p + "win_to", np.array([start + width], np.int64)),
+                _init(p + "select_in", select - start),  # A's place in the window's codes
+            ]
+            if not any(i.name == prefix + "axis0" for i in inits):
+                inits.append(_init(prefix + "axis0", np.array([0], np.int64)))
+        else:
+            q_nodes, va, vd = _quantize_nodes(prefix, p, _concat(nodes, flat, p + "z"))
+            nodes += q_nodes
+        s_nodes, s_inits = _selection_nodes(prefix, p, va, p + ("select_in" if screened else "select"), n_rec + pad, opset)
+        nodes += s_nodes
+        nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
+        if screened:  # the records' sign rows on the window (a constant: folded at load)
+            nodes.append(helper.make_node("Slice", [p + "rows", p + "win_from", p + "win_to", prefix + "axis1"],
+                                          [p + "rows_w"], name=p + "rows_w"))
+            nodes += _own_gate_nodes(prefix, p, p + "rows_w", p + "k", p + "k1", vd, p + "bound", "_w")
+            nodes += _candidate_nodes(prefix, p, flat, p + "bound", gate)
+        else:
+            nodes += _own_gate_nodes(prefix, p, p + "rows", p + "k", p + "k1", vd, gate)
         inits += s_inits
         inits.append(_init(p + "inv_delta", np.array(2.0 ** -group.scale_log2, np.float32)))  # exact: a power of two
         if packed:
@@ -475,7 +593,7 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
             inits.append(_init(p + "signs", np.ascontiguousarray(group.signs.T)))  # (M, P) int8
         inits += [
             _init(p + "neg_w", neg_weight(group.gamma, 2.0**group.scale_log2)),
-            _init(p + "select", selection_neurons(group.signs)),
+            _init(p + "select", select),
             _init(p + "pad", np.array([0, 0, 0, pad], np.int64)),
         ]
         gates.append(gate)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from prune_edge.runtime import patchfile
+from prune_edge.runtime import patchfile, patchgraph
 from prune_edge.runtime.errors import IntegrityError, PatchFormatError, PatchVerificationError, StructureError
 from prune_edge.runtime.fileio import sha256_bytes
 from prune_edge.runtime.manifest import (
@@ -49,6 +49,7 @@ from prune_edge.runtime.patchgraph import (
     extract_params,
     form_of,
     quantize,
+    screen_window,
     selection_neurons,
     sign_pattern,
     spec_rows,
@@ -195,7 +196,7 @@ def test_manifest_round_trip(mode, alpha_value, form):
     assert reparsed.signed_bytes() == manifest.signed_bytes() == canonical_bytes(doc)
     assert json.loads(manifest.signed_bytes()) == doc
     # v3 fields: the gate step, the chain, the derived id, the widest gate; v4: a root per request, no beta.
-    assert doc["format_version"] == FORMAT_VERSION == 6
+    assert doc["format_version"] == FORMAT_VERSION == 7
     assert all(set(r) == {"target", "gamma", "alpha", "mean_scale", "lower", "upper", "points"} for r in doc["records"])
     assert doc["gate"] == {"step_log2": STEP_LOG2} and again.gate_step_log2 == STEP_LOG2
     assert doc["chain"] == {"position": 0, "after": [], "replaces": []}
@@ -830,9 +831,9 @@ def summed_patch(z: np.ndarray, f: np.ndarray, params: PatchParams) -> np.ndarra
     return f64 + np.einsum("nk,kcd,nd->nc", g, params.T.astype(np.float64), f64) + g @ params.t.astype(np.float64)
 
 
-def feeds(z: np.ndarray, f: np.ndarray) -> dict[str, np.ndarray]:
+def feeds(z: np.ndarray, f: np.ndarray, gated: tuple[GatedTensor, ...] = GATED) -> dict[str, np.ndarray]:
     out, at = {}, 0
-    for g in GATED:
+    for g in gated:
         out[g.name] = np.ascontiguousarray(z[:, at : at + g.size].reshape(len(z), *g.shape), dtype=np.float32)
         at += g.size
     out[LOGITS] = f.astype(np.float32)
@@ -1419,6 +1420,154 @@ def test_selection_values_separate_every_distinct_pattern():
         np.testing.assert_array_equal(selection_neurons(shuffled), a)
         np.testing.assert_array_equal(selection_neurons(np.unique(signs, axis=0)), a)
     assert len(selection_neurons(tables[1])) == M  # every pattern of M values needs all M
+
+
+# ----------------------------------------------------------------------------- format 7: the screened gate
+# 80 + 176 = 256 gated values: the first stage reads a window of 96 of them, across both tensors.
+WIDE = (GatedTensor("wide_a", (5, 4, 4)), GatedTensor("wide_b", (176,)))
+M_WIDE = sum(g.size for g in WIDE)
+BOUND, CAND_GATES = PREFIX + "g0_bound", PREFIX + "g0_gc"  # the window's bound (N, 1); the exact gates computed (n, 1)
+
+
+def unscreened_twin(params: PatchParams, form: str, monkeypatch) -> onnx.ModelProto:
+    """The graph of ``params`` with the same selection values but without the screening stage: every input's
+    gate computed on all M values (what format 6 did)."""
+    a = selection_neurons(params.signs)
+    with monkeypatch.context() as mp:
+        mp.setattr(patchgraph, "SCREEN_WIDTH", 10**6)
+        mp.setattr(patchgraph, "selection_neurons", lambda signs: a)
+        patchgraph._window.cache_clear()
+        try:
+            model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
+        finally:
+            patchgraph._window.cache_clear()
+    assert "NonZero" not in [n.op_type for n in model.graph.node]
+    return model
+
+
+def codes_to_z(v: np.ndarray) -> np.ndarray:
+    """float32 gated values whose quantized codes are the odd integers ``v`` (z = delta (v - 1) / 2, exact)."""
+    return (DELTA * (np.asarray(v, np.float64) - 1) / 2).astype(np.float32)
+
+
+def screening_inputs(params: PatchParams, rng: np.random.Generator) -> np.ndarray:
+    """Inputs where screening could go wrong: inside every region (gate 1); violations only outside the
+    window (bound 1, exact gate partial or 0); violations inside it; and, per record, one window violation
+    of every odd size around where its gate closes (the bound's clip is exactly 0 on one side, just open on
+    the other), with and without more violation outside; then noise near every boundary and anywhere."""
+    start, width = screen_window(params.signs)
+    inside_w = np.arange(start, start + width)
+    outside_w = np.setdiff1d(np.arange(M_WIDE), inside_w)
+    rows = []
+    for k in range(params.n_records):
+        s = params.signs[k].astype(np.int64)
+        v = s * (2 * rng.integers(0, 6, size=(12, M_WIDE)) + 1)  # odd codes with k's signs: inside k's region
+        rows.append(v.copy())
+        out = v.copy()
+        j = rng.choice(outside_w, size=12)
+        out[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
+        rows.append(out)
+        inw = v.copy()
+        j = rng.choice(inside_w, size=12)
+        inw[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
+        rows.append(inw)
+        # one window violation of |v| = m: excess 2m; the gate closes where 1 + neg_w 2m <= 0
+        closes = int(np.ceil(1.0 / (2 * params.gamma[k] * DELTA / 4)))
+        ms = np.arange(max(1, closes - 6), min(127, closes + 6)) | 1
+        edge = np.repeat(s[None] * 3, len(ms), axis=0)
+        i = inside_w[k % width]
+        edge[:, i] = -s[i] * ms
+        more = edge.copy()
+        o = outside_w[k % len(outside_w)]
+        more[:, o] = -s[o]
+        rows += [edge, more]
+    z = codes_to_z(np.concatenate(rows))
+    noise = [rng.normal(scale=DELTA, size=(200, M_WIDE)), rng.normal(scale=1.5, size=(100, M_WIDE))]
+    return np.concatenate([z, *noise]).astype(np.float32)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
+    """Format 7 quantizes a window of the gated values for every input and all of them only where the
+    window's bound of the chosen record's gate is open. That bound must never close a gate the full
+    computation opens: searched on inputs at the bound's edge (one window violation of each size around
+    where each record's gate closes), violations outside the window only (the bound stays 1), inside it,
+    and noise. Every output, gate and acting record equals the unscreened graph's bit for bit and the
+    written-out reference's."""
+    rng = np.random.default_rng(71)
+    params = with_form(random_params(rng, p=40, m=M_WIDE), form)
+    assert screen_window(params.signs) == (0, patchgraph.SCREEN_WIDTH) and patchgraph.SCREEN_WIDTH < M_WIDE
+    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("NonZero") == 1
+    twin = unscreened_twin(params, form, monkeypatch)
+    z = screening_inputs(params, rng)
+    f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
+    out, gate, k, bound, gc = session(model, GATE, K, BOUND, CAND_GATES).run(None, feeds(z, f, WIDE))
+    out_t, gate_t, k_t = session(twin, GATE, K).run(None, feeds(z, f, WIDE))
+    np.testing.assert_array_equal(k, k_t)
+    np.testing.assert_array_equal(gate, gate_t)
+    assert out.tobytes() == out_t.tobytes()
+    # the reference: k* the first maximal selection score, its own exact gate
+    _, g_ref, k_ref, _ = reference_patch(z, f, params)
+    np.testing.assert_array_equal(k, k_ref)
+    np.testing.assert_array_equal(gate[:, 0], g_ref)
+    # the search reached every case: rows screened out, rows computed whose bound was open but gate
+    # closed or partial, gates fully open, and bounds exactly 0 next to bounds barely open
+    open_bound = bound[:, 0] > 0
+    assert len(gc) == open_bound.sum() and 0 < len(gc) < len(z)
+    assert (open_bound & (gate[:, 0] == 0)).sum() > 20 and ((gate > 0) & (gate < 1)).sum() > 20 and (gate == 1).sum() > 100
+    assert (bound[:, 0] == 0).sum() > 100 and ((bound[:, 0] > 0) & (bound[:, 0] < 0.05)).sum() > 10
+    assert (bound >= gate).all()
+
+
+def test_screened_gate_with_no_some_or_every_input_open(monkeypatch):
+    """The dynamic part of the screened graph (NonZero, Gather of open rows, ScatterND) on batches where
+    no input, every input, or a single input has an open bound, and on an empty batch."""
+    rng = np.random.default_rng(72)
+    params = with_form(random_params(rng, p=40, m=M_WIDE), "affine")
+    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine")
+    sess, twin = session(model, GATE, K, CAND_GATES), session(unscreened_twin(params, "affine", monkeypatch), GATE, K)
+    far = rng.normal(scale=3.0, size=(50, M_WIDE)).astype(np.float32)  # violations everywhere: every bound 0
+    inside = codes_to_z(params.signs[rng.integers(0, 40, size=50)].astype(np.int64) * 5)  # every bound 1
+    for z in (far, inside, np.concatenate([far[:20], inside[:1], far[20:]]), far[:0]):
+        f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
+        out, gate, k, gc = sess.run(None, feeds(z, f, WIDE))
+        out_t, gate_t, k_t = twin.run(None, feeds(z, f, WIDE))
+        assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes() and k.tobytes() == k_t.tobytes()
+        assert out.shape == (len(z), C) and gate.shape == (len(z), 1)
+        assert len(gc) == {50: 0 if z is far else 50}.get(len(z), len(z) and 1)
+
+
+def test_screen_window():
+    """The window is a function of the set of patterns, SCREEN_WIDTH values on the stride grid whose signs
+    separate every two distinct patterns (the selection values lie in it); every value where M is small or
+    no window separates them (two pairs of patterns that differ only at the two ends)."""
+    rng = np.random.default_rng(73)
+    width, stride = patchgraph.SCREEN_WIDTH, patchgraph.SCREEN_STRIDE
+    for m, p in [(M_WIDE, 40), (384, 500), (2 * width, 2), (2 * width - 1, 40), (11, 4)]:
+        params = random_params(rng, p=p, m=m)
+        start, w = screen_window(params.signs)
+        if m < 2 * width:
+            assert (start, w) == (0, m)
+            continue
+        assert w == width and start % stride == 0 and start + w <= m
+        assert len(np.unique(params.signs[:, start : start + w], axis=0)) == p
+        a = selection_neurons(params.signs)
+        assert ((a >= start) & (a < start + w)).all()
+        shuffled = np.concatenate([params.signs, params.signs[:3]])[rng.permutation(p + min(p, 3))]
+        assert screen_window(shuffled) == (start, w)
+        np.testing.assert_array_equal(selection_neurons(shuffled), a)
+    # the first window that separates: patterns that differ only at value 100 need a window holding it
+    s0 = rng.choice(np.array([-1, 1], np.int8), size=M_WIDE)
+    s1 = s0.copy()
+    s1[100] *= -1
+    assert screen_window(np.stack([s0, s1])) == (32, width) and selection_neurons(np.stack([s0, s1])).tolist() == [100]
+    s2 = s0.copy()
+    s2[0], s2[-1] = -s2[0], -s2[-1]
+    ends = np.stack([s0, s2, s2 * np.where(np.arange(M_WIDE) == 0, -1, 1).astype(np.int8)])
+    assert screen_window(ends) == (0, M_WIDE)  # no window holds both value 0 and value 255
+    assert selection_neurons(ends).tolist() == [0, M_WIDE - 1]
 
 
 def test_scale_choice():
