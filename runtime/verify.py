@@ -267,7 +267,9 @@ def _first_difference(expected: onnx.ModelProto, found: onnx.ModelProto) -> str:
     eg, fg = expected.graph, found.graph
     e_ops, f_ops = [n.op_type for n in eg.node], [n.op_type for n in fg.node]
     if e_ops != f_ops:
-        return f"expected {len(e_ops)} nodes {e_ops[-4:]} at the end, found {len(f_ops)} nodes {f_ops[-4:]}"
+        at = next((i for i, (e, f) in enumerate(zip(e_ops, f_ops)) if e != f), min(len(e_ops), len(f_ops)))
+        return (f"expected {len(e_ops)} nodes, found {len(f_ops)}; the first that differs is node {at}: expected "
+                f"{e_ops[at] if at < len(e_ops) else 'none'}, found {f_ops[at] if at < len(f_ops) else 'none'}")
     for en, fn in zip(eg.node, fg.node):
         if en != fn:
             return f"node {en.name!r} expected inputs {list(en.input)}, found {list(fn.input)} or other attributes"

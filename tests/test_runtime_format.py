@@ -1570,6 +1570,27 @@ def test_screen_window():
     assert selection_neurons(ends).tolist() == [0, M_WIDE - 1]
 
 
+def test_structure_refusal_names_the_first_node_that_differs():
+    """A graph with the canonical node count but two nodes in another order (what an out-of-date builder
+    writes) is refused with the first differing node named, not only the count."""
+    from prune_edge.runtime.verify import _first_difference
+
+    params = random_params(np.random.default_rng(74), p=4, m=M_WIDE)
+    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine")
+    moved = copy.deepcopy(model)
+    ops = [n.op_type for n in moved.graph.node]
+    i = next(j for j in range(len(ops) - 1) if ops[j] != ops[j + 1])
+    a, b = copy.deepcopy(moved.graph.node[i]), copy.deepcopy(moved.graph.node[i + 1])
+    moved.graph.node[i].CopyFrom(b)
+    moved.graph.node[i + 1].CopyFrom(a)
+    msg = _first_difference(model, moved)
+    assert msg == (f"expected {len(ops)} nodes, found {len(ops)}; the first that differs is node {i}: "
+                   f"expected {ops[i]}, found {ops[i + 1]}")
+    shorter = copy.deepcopy(model)
+    del shorter.graph.node[-1]
+    assert _first_difference(model, shorter).endswith(f"node {len(ops) - 1}: expected {ops[-1]}, found none")
+
+
 def test_scale_choice():
     z = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
     e = choose_scale_log2(z)
