@@ -404,10 +404,12 @@ def _flatten_nodes(p: str, gated: Sequence[GatedTensor]) -> tuple[list[onnx.Node
 
 def _concat(nodes: list[onnx.NodeProto], parts: list[str], name: str) -> str:
     """One (N, sum) tensor of ``parts`` along axis 1 (the part itself when there is one)."""
-    if len(parts) == 1:
-        return parts[0]
-    nodes.append(helper.make_node("Concat", parts, [name], axis=1, name=name))
-    return name
+    nodes += _concat_nodes(parts, name, 1)
+    return parts[0] if len(parts) == 1 else name
+
+
+def _concat_nodes(parts: list[str], name: str, axis: int) -> list[onnx.NodeProto]:
+    return [] if len(parts) == 1 else [helper.make_node("Concat", parts, [name], axis=axis, name=name)]
 
 
 def _quantize_nodes(prefix: str, p: str, z: str, sfx: str = "") -> tuple[list[onnx.NodeProto], str, str]:
@@ -445,22 +447,35 @@ def _selection_nodes(prefix: str, p: str, va: str, select_in: str, n_cols: int, 
     return nodes + more_nodes, inits
 
 
-def _own_gate_nodes(prefix: str, p: str, rows: str, k: str, k1: str, vd: str, gate: str, sfx: str = "") -> list[onnx.NodeProto]:
-    """The gate ``gate`` (n, 1) of records ``k`` (n,) / ``k1`` (n, 1) alone, from their sign rows in
-    ``rows`` (P, m) against the values ``vd`` (n, m)."""
+def _excess_nodes(prefix: str, p: str, rows: str, k: str, vd: str, axis: str, sfx: str = "") -> list[onnx.NodeProto]:
+    """``p + "nex" + sfx`` = sum_i min(s_ki v_i, 0) = -excess_k / 2 over the last axis of ``vd`` (kept), for
+    the records ``k`` and their sign rows in ``rows`` (P, m): integers, exact in float32 in any order."""
     n = lambda key: p + key + sfx  # noqa: E731
     return [
-        # -excess / 2 = sum_i min(s_i v_i, 0): integers, exact in float32 in any order
         helper.make_node("Gather", [rows, k], [n("srow8")], axis=0, name=n("srow8")),
         helper.make_node("Cast", [n("srow8")], [n("srow")], to=TensorProto.FLOAT, name=n("srow")),
         helper.make_node("Mul", [n("srow"), vd], [n("sv")], name=n("sv")),
         helper.make_node("Min", [n("sv"), prefix + "zero"], [n("miss")], name=n("miss")),
-        helper.make_node("ReduceSum", [n("miss"), prefix + "axis1"], [n("nex")], keepdims=1, name=n("nex")),
-        # (-excess/2) (-2 neg_w) = neg_w excess: the same real product, so the same single float32 rounding
-        helper.make_node("Gather", [p + "pos_w", k1], [n("pw")], axis=0, name=n("pw")),
-        helper.make_node("Mul", [n("nex"), n("pw")], [n("score")], name=n("score")),
-        helper.make_node("Add", [n("score"), prefix + "one"], [n("gpre")], name=n("gpre")),
-        helper.make_node("Clip", [n("gpre"), prefix + "zero", prefix + "one"], [gate], name=gate),
+        helper.make_node("ReduceSum", [n("miss"), axis], [n("nex")], keepdims=1, name=n("nex")),
+    ]
+
+
+def _pre_nodes(prefix: str, p: str, nex: str, sfx: str = "") -> list[onnx.NodeProto]:
+    """``p + "gpre" + sfx`` = 1 + neg_w excess, the gate before its clip: (-excess/2) (-2 neg_w) is the same
+    real product as neg_w excess, so the same single float32 rounding."""
+    return [
+        helper.make_node("Mul", [nex, p + "pw"], [p + "score" + sfx], name=p + "score" + sfx),
+        helper.make_node("Add", [p + "score" + sfx, prefix + "one"], [p + "gpre" + sfx], name=p + "gpre" + sfx),
+    ]
+
+
+def _own_gate_nodes(prefix: str, p: str, vd: str, gate: str) -> list[onnx.NodeProto]:
+    """Stage 2 on every gated value: the gate ``gate`` (N, 1) of the record ``p + "k"`` alone."""
+    return [
+        *_excess_nodes(prefix, p, p + "rows", p + "k", vd, prefix + "axis1"),
+        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
+        *_pre_nodes(prefix, p, p + "nex"),
+        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
     ]
 
 
@@ -481,27 +496,29 @@ def _window_nodes(p: str, flat: list[str], sizes: list[int], start: int, width: 
     return nodes, inits, _concat(nodes, parts, p + "zw")
 
 
-def _candidate_nodes(prefix: str, p: str, flat: list[str], bound: str, gate: str) -> list[onnx.NodeProto]:
-    """Stage 3 of a screened gate: the exact gate of the inputs whose window bound ``bound`` (N, 1) is
-    open, scattered into the bound (which is exactly 0 at every other input)."""
-    nodes = [
-        helper.make_node("Greater", [bound, prefix + "zero"], [p + "open1"], name=p + "open1"),
+def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: str) -> list[onnx.NodeProto]:
+    """Stage 2 screened (format 7): -excess/2 of the record ``p + "k"`` on the window (values ``vd_w``, sign
+    rows ``p + "rows_w"``) for every input; on all M values only for the inputs where 1 + neg_w excess_W is
+    > 0 (their rows gathered as (1, n, M)), scattered over the window's; then the gate of every input from
+    that. Where the window already closes the gate (1 + neg_w excess_W <= 0) the gate is clip(that) = 0,
+    and the full excess could only close it further."""
+    return [
+        *_excess_nodes(prefix, p, p + "rows_w", p + "k", vd_w, prefix + "axis1", "_w"),
+        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
+        *_pre_nodes(prefix, p, p + "nex_w", "_w"),
+        helper.make_node("Greater", [p + "gpre_w", prefix + "zero"], [p + "open1"], name=p + "open1"),
         helper.make_node("Squeeze", [p + "open1", prefix + "axis1"], [p + "open"], name=p + "open"),
-        helper.make_node("NonZero", [p + "open"], [p + "nz"], name=p + "nz"),  # (1, n) rows, ascending
-        helper.make_node("Transpose", [p + "nz"], [p + "idx"], perm=[1, 0], name=p + "idx"),
-        helper.make_node("Squeeze", [p + "nz", prefix + "axis0"], [p + "cand"], name=p + "cand"),
-        helper.make_node("Gather", [p + "k", p + "cand"], [p + "kc"], axis=0, name=p + "kc"),
-        helper.make_node("Gather", [p + "k1", p + "cand"], [p + "kc1"], axis=0, name=p + "kc1"),
+        helper.make_node("NonZero", [p + "open"], [p + "nz"], name=p + "nz"),  # (1, n) open rows, ascending
+        helper.make_node("Unsqueeze", [p + "nz", prefix + "axis2"], [p + "idx"], name=p + "idx"),
+        helper.make_node("Gather", [p + "k", p + "nz"], [p + "kc"], axis=0, name=p + "kc"),
+        *[helper.make_node("Gather", [z, p + "nz"], [f"{p}zc{i}"], axis=0, name=f"{p}zc{i}") for i, z in enumerate(flat)],
+        *_concat_nodes([f"{p}zc{i}" for i in range(len(flat))], p + "zc", 2),
+        *_quantize_nodes(prefix, p, p + "zc" if len(flat) > 1 else p + "zc0", "_c")[0],
+        *_excess_nodes(prefix, p, p + "rows", p + "kc", p + "vd_c", prefix + "axis2", "_c"),
+        helper.make_node("ScatterND", [p + "nex_w", p + "idx", p + "nex_c"], [p + "nex"], name=p + "nex"),
+        *_pre_nodes(prefix, p, p + "nex"),
+        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
     ]
-    parts = []
-    for i, z in enumerate(flat):
-        name = f"{p}zc{i}"
-        nodes.append(helper.make_node("Gather", [z, p + "cand"], [name], axis=0, name=name))
-        parts.append(name)
-    q_nodes, _, vd = _quantize_nodes(prefix, p, _concat(nodes, parts, p + "z"))
-    nodes += q_nodes + _own_gate_nodes(prefix, p, p + "rows", p + "kc", p + "kc1", vd, p + "gc")
-    nodes.append(helper.make_node("ScatterND", [bound, p + "idx", p + "gc"], [gate], name=gate))
-    return nodes
 
 
 def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: bool = False
@@ -569,8 +586,8 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
                 _init(p + "win_to", np.array([start + width], np.int64)),
                 _init(p + "select_in", select - start),  # A's place in the window's codes
             ]
-            if not any(i.name == prefix + "axis0" for i in inits):
-                inits.append(_init(prefix + "axis0", np.array([0], np.int64)))
+            if not any(i.name == prefix + "axis2" for i in inits):
+                inits.append(_init(prefix + "axis2", np.array([2], np.int64)))
         else:
             q_nodes, va, vd = _quantize_nodes(prefix, p, _concat(nodes, flat, p + "z"))
             nodes += q_nodes
@@ -580,10 +597,9 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
         if screened:  # the records' sign rows on the window (a constant: folded at load)
             nodes.append(helper.make_node("Slice", [p + "rows", p + "win_from", p + "win_to", prefix + "axis1"],
                                           [p + "rows_w"], name=p + "rows_w"))
-            nodes += _own_gate_nodes(prefix, p, p + "rows_w", p + "k", p + "k1", vd, p + "bound", "_w")
-            nodes += _candidate_nodes(prefix, p, flat, p + "bound", gate)
+            nodes += _screened_gate_nodes(prefix, p, flat, vd, gate)
         else:
-            nodes += _own_gate_nodes(prefix, p, p + "rows", p + "k", p + "k1", vd, gate)
+            nodes += _own_gate_nodes(prefix, p, vd, gate)
         inits += s_inits
         inits.append(_init(p + "inv_delta", np.array(2.0 ** -group.scale_log2, np.float32)))  # exact: a power of two
         if packed:

@@ -1426,7 +1426,8 @@ def test_selection_values_separate_every_distinct_pattern():
 # 80 + 176 = 256 gated values: the first stage reads a window of 96 of them, across both tensors.
 WIDE = (GatedTensor("wide_a", (5, 4, 4)), GatedTensor("wide_b", (176,)))
 M_WIDE = sum(g.size for g in WIDE)
-BOUND, CAND_GATES = PREFIX + "g0_bound", PREFIX + "g0_gc"  # the window's bound (N, 1); the exact gates computed (n, 1)
+# the window's bound of the gate before its clip, 1 + neg_w excess_W (N, 1); the full -excess/2 computed (1, n, 1)
+BOUND, CAND_NEX = PREFIX + "g0_gpre_w", PREFIX + "g0_nex_c"
 
 
 def unscreened_twin(params: PatchParams, form: str, monkeypatch) -> onnx.ModelProto:
@@ -1471,12 +1472,13 @@ def screening_inputs(params: PatchParams, rng: np.random.Generator) -> np.ndarra
         j = rng.choice(inside_w, size=12)
         inw[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
         rows.append(inw)
-        # one window violation of |v| = m: excess 2m; the gate closes where 1 + neg_w 2m <= 0
+        # two window violations, |v| = m and 1: excess 2(m + 1); the gate closes where 1 + neg_w 2(m + 1) <= 0,
+        # at m + 1 = 16 / gamma exactly for gamma 0.5, 1 and 2 (a bound of exactly 0)
         closes = int(np.ceil(1.0 / (2 * params.gamma[k] * DELTA / 4)))
-        ms = np.arange(max(1, closes - 6), min(127, closes + 6)) | 1
+        ms = np.arange(max(1, closes - 7), min(127, closes + 6)) | 1
         edge = np.repeat(s[None] * 3, len(ms), axis=0)
-        i = inside_w[k % width]
-        edge[:, i] = -s[i] * ms
+        i, i2 = inside_w[k % width], inside_w[(k + 1) % width]
+        edge[:, i], edge[:, i2] = -s[i] * ms, -s[i2]
         more = edge.copy()
         o = outside_w[k % len(outside_w)]
         more[:, o] = -s[o]
@@ -1495,7 +1497,9 @@ def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
     and noise. Every output, gate and acting record equals the unscreened graph's bit for bit and the
     written-out reference's."""
     rng = np.random.default_rng(71)
-    params = with_form(random_params(rng, p=40, m=M_WIDE), form)
+    params = random_params(rng, p=40, m=M_WIDE)
+    gamma = np.where(np.arange(40) % 2, params.gamma, np.resize([0.5, 1.0, 2.0], 40))  # powers of two: exact edges
+    params = with_form(PatchParams(params.signs, gamma, params.T, params.t, params.scale_log2), form)
     assert screen_window(params.signs) == (0, patchgraph.SCREEN_WIDTH) and patchgraph.SCREEN_WIDTH < M_WIDE
     model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
     onnx.checker.check_model(model, full_check=True)
@@ -1503,7 +1507,7 @@ def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
     twin = unscreened_twin(params, form, monkeypatch)
     z = screening_inputs(params, rng)
     f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
-    out, gate, k, bound, gc = session(model, GATE, K, BOUND, CAND_GATES).run(None, feeds(z, f, WIDE))
+    out, gate, k, bound, nex_c = session(model, GATE, K, BOUND, CAND_NEX).run(None, feeds(z, f, WIDE))
     out_t, gate_t, k_t = session(twin, GATE, K).run(None, feeds(z, f, WIDE))
     np.testing.assert_array_equal(k, k_t)
     np.testing.assert_array_equal(gate, gate_t)
@@ -1515,10 +1519,10 @@ def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
     # the search reached every case: rows screened out, rows computed whose bound was open but gate
     # closed or partial, gates fully open, and bounds exactly 0 next to bounds barely open
     open_bound = bound[:, 0] > 0
-    assert len(gc) == open_bound.sum() and 0 < len(gc) < len(z)
+    assert nex_c.shape == (1, open_bound.sum(), 1) and 0 < open_bound.sum() < len(z)
     assert (open_bound & (gate[:, 0] == 0)).sum() > 20 and ((gate > 0) & (gate < 1)).sum() > 20 and (gate == 1).sum() > 100
-    assert (bound[:, 0] == 0).sum() > 100 and ((bound[:, 0] > 0) & (bound[:, 0] < 0.05)).sum() > 10
-    assert (bound >= gate).all()
+    assert (bound[:, 0] == 0).sum() > 10 and (bound[:, 0] < 0).sum() > 100 and ((bound[:, 0] > 0) & (bound[:, 0] < 0.05)).sum() > 10
+    assert (np.clip(bound, 0, 1) >= gate).all()
 
 
 def test_screened_gate_with_no_some_or_every_input_open(monkeypatch):
@@ -1527,16 +1531,16 @@ def test_screened_gate_with_no_some_or_every_input_open(monkeypatch):
     rng = np.random.default_rng(72)
     params = with_form(random_params(rng, p=40, m=M_WIDE), "affine")
     model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine")
-    sess, twin = session(model, GATE, K, CAND_GATES), session(unscreened_twin(params, "affine", monkeypatch), GATE, K)
+    sess, twin = session(model, GATE, K, CAND_NEX), session(unscreened_twin(params, "affine", monkeypatch), GATE, K)
     far = rng.normal(scale=3.0, size=(50, M_WIDE)).astype(np.float32)  # violations everywhere: every bound 0
     inside = codes_to_z(params.signs[rng.integers(0, 40, size=50)].astype(np.int64) * 5)  # every bound 1
     for z in (far, inside, np.concatenate([far[:20], inside[:1], far[20:]]), far[:0]):
         f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
-        out, gate, k, gc = sess.run(None, feeds(z, f, WIDE))
+        out, gate, k, nex_c = sess.run(None, feeds(z, f, WIDE))
         out_t, gate_t, k_t = twin.run(None, feeds(z, f, WIDE))
         assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes() and k.tobytes() == k_t.tobytes()
         assert out.shape == (len(z), C) and gate.shape == (len(z), 1)
-        assert len(gc) == {50: 0 if z is far else 50}.get(len(z), len(z) and 1)
+        assert nex_c.shape[1] == {50: 0 if z is far else 50}.get(len(z), len(z) and 1)
 
 
 def test_screen_window():
