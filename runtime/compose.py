@@ -34,9 +34,12 @@ class Composition:
     logits_name: str  # where the patched logits are, among ``output_names``
 
 
-def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gates: bool = False) -> Composition:
+def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gates: bool = False,
+            screen: bool = True) -> Composition:
     """Merge ``patches`` into a copy of ``base``. With ``expose_gates`` the acting gate's value
     (N, 1) and its record index (N,) are extra outputs after the base's own (and the logits).
+    ``screen``: the gates bound themselves on a window first (:func:`~.patchgraph.gate_nodes`); False for
+    a device that runs one input at a time (the same outputs, fewer nodes).
 
     The correction sits at the base's logits tensor (:func:`~.basecard.find_logits`): the node that
     computed it now writes a renamed tensor, the patch reads that and writes the logits under their
@@ -56,7 +59,7 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
         outputs.append(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", c] if c else None))
     records: list[tuple[int, int]] = []
     if patches:
-        prefix, records = insert_patches(graph, patches, logits)
+        prefix, records = insert_patches(graph, patches, logits, screen)
         if expose_gates and records:
             # the acting gate's value (N, 1), 0 where no record is open, and its record (N,)
             outputs += [
@@ -68,7 +71,8 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
     return Composition(model, records, tuple(o.name for o in outputs), logits)
 
 
-def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], logits: str) -> tuple[str, list[tuple[int, int]]]:
+def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], logits: str, screen: bool = True
+                   ) -> tuple[str, list[tuple[int, int]]]:
     """Splice one batched correction into ``graph`` right after the node that computes ``logits``
     (so the node list stays topologically sorted: the gates read Relu inputs computed before it).
     Returns the name prefix of the new tensors and (patch, record) for each record, in gate order."""
@@ -109,7 +113,7 @@ def insert_patches(graph: onnx.GraphProto, patches: Sequence[VerifiedPatch], log
         corrected = prefix + "gated_logits" if suppressions else logits
         T, t = np.concatenate(Ts), np.concatenate(ts)
         opset = patches[0].manifest.base_opset  # the base's (check_binding)
-        nodes, inits, gate, k = gate_nodes(prefix, groups, opset)
+        nodes, inits, gate, k = gate_nodes(prefix, groups, opset, screen=screen)
         more_nodes, more_inits = correction_nodes(prefix, gate, k, base_logits, T, t, form_of_tables(T), corrected)
         nodes, inits = nodes + more_nodes, inits + more_inits
     if suppressions:  # after the gated correction: no record targets a suppressed class (verify)

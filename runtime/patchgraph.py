@@ -521,7 +521,7 @@ def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: 
     ]
 
 
-def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: bool = False
+def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: bool = False, screen: bool = True
                ) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
     """Nodes writing the acting record's gate ``prefix + "gate_max"`` (N, 1) and its index
     ``prefix + "k"`` (N,) int64 among every record of every group, in group order.
@@ -553,7 +553,10 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
     The parameter path (sign unpacking, the transposed rows, the selected and padded table, the
     rescaled weights) reads constants only: onnxruntime folds it when it loads the graph.
     ``packed``: the signs are stored as bits and unpacked by constant nodes (:func:`_unpack_nodes`; the
-    patch file's form, smaller on the wire), else as the int8 (M, P) table itself (a device's composed model)."""
+    patch file's form, smaller on the wire), else as the int8 (M, P) table itself (a device's composed model).
+    ``screen=False`` leaves out step 3 (the same selection values, the same outputs): the patch file's
+    canonical graph always screens, a device may compose without it where inputs come one at a time
+    (at batch 1 every node costs about a microsecond whatever its size, and screening adds about 20)."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = [
         _init(prefix + "zp", np.array(QUANT_ZERO_POINT, np.uint8)),
@@ -573,7 +576,7 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
         pad = -n_rec % SELECT_BLOCK
         gate = prefix + "gate_max" if single else p + "gate"
         start, width = screen_window(group.signs)
-        screened = width < group.size
+        screened = screen and width < group.size
         select = selection_neurons(group.signs)
         f_nodes, flat = _flatten_nodes(p, group.gated)
         nodes += f_nodes
