@@ -163,43 +163,32 @@ def _scaled(a64: torch.Tensor, b64: torch.Tensor, c64: torch.Tensor, lo: torch.T
     )
 
 
-def _adam(mu: torch.Tensor) -> torch.optim.Adam:
-    """torch's Adam ascending on ``mu`` (maximize), with its fused kernel where this torch has one for the
-    device: one pass over mu and its two moments per step instead of seven elementwise ops. Measured on
-    the 2-core AVX2 machine with the products stubbed out, a 128-region ascent's elementwise work takes
-    0.109 instead of 0.148 s (median of 40 alternating rounds; the products, 0.75 s there, are unchanged,
-    and where bfloat16 products are native the elementwise share is larger); the bounds move by at most
-    0.005 logits from those of the hand-written step it replaced (docs/sets.md)."""
-    options = dict(lr=LR_START, betas=BETAS, eps=ADAM_EPS, maximize=True)
-    try:
-        return torch.optim.Adam([mu], fused=True, **options)
-    except RuntimeError:  # this torch has no fused Adam for the device
-        return torch.optim.Adam([mu], **options)
-
-
 @torch.no_grad()
 def _ascend(s: _Scaled, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on the scaled dual; returns (best mu seen, last mu), both (B, K, M) float32.
 
     Scaled dual: g(mu) = sum_j min(r_j, 0) - mu.b with r = w (c + A^T (row_scale mu)). Its
     supergradient is row_scale (A (w u*)) - b with u*_j = 1 where r_j < 0, else 0 (the box minimiser),
-    so no autograd is needed: it is handed to torch's Adam as mu's gradient (:func:`_adam`, with this
-    module's step-size schedule), and mu is clamped at 0 after each step. Every step evaluates g at the
-    current mu from the same r (cheap) and keeps the best mu per (region, objective): the ascent is not
-    monotone."""
+    so no autograd is needed. Every step evaluates g at the current mu from the same r (cheap) and
+    keeps the best mu per (region, objective): the ascent is not monotone.
+
+    The Adam step is written out rather than taken by ``torch.optim.Adam``: any torch optimizer imports
+    ``torch._dynamo`` when it is first built, 1.3 s per process on the 2-core machine (a 200-point
+    build takes 1.6 s), and its fused kernel saved only 3% of an ascent (docs/sets.md)."""
     ops, c, b, w, rs = s.ops, s.c, s.b, s.width, s.signed_scale
     dt, exact = ops.dtype, ops.dtype == torch.float32
     neg_b, neg_rs = -b, -rs
     b_col = b.transpose(1, 2)  # (B, M, 1): mu.b for all objectives as one product
     mu = torch.zeros(c.shape[0], c.shape[1], b.shape[2], device=c.device)
+    m1, m2 = torch.zeros_like(mu), torch.zeros_like(mu)
     best = mu.clone()
     best_val = torch.full(c.shape[:2], -math.inf, device=c.device)
+    beta1, beta2 = BETAS
     decay = (lr_end(steps) / LR_START) ** (1.0 / max(1, steps - 1))
-    adam = _adam(mu)
-    group = adam.param_groups[0]
     r0 = c.clone()  # c + A^T (row_scale mu) at mu = 0
-    # The step avoids boolean tensors (their kernels are several times slower on CPU): r's negative
-    # part gives g(mu), and its sign (-1 or 0) is -u*, the box minimiser, so the sign is folded into -rs.
+    # Elementwise work is most of a step once the products are cheap (prune_edge.mlp_bounds), so the
+    # step avoids boolean tensors (their kernels are several times slower on CPU): r's negative part
+    # gives g(mu), and its sign (-1 or 0) is -u*, the box minimiser, so the sign is folded into -rs.
     for t in range(1, steps + 2):
         rneg = r0.clamp(max=0) if w is None else (r0 * w).clamp_(max=0)
         if t == 1 or t > TRACK_FROM * steps:  # mu = 0 too: never worse than the box bound
@@ -210,17 +199,19 @@ def _ascend(s: _Scaled, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         if t > steps:  # the last update has been evaluated too
             break
         minus_u = rneg.sign_() if w is None else rneg.sign_().mul_(w)
-        mu.grad = torch.addcmul(neg_b, ops.rows(minus_u.to(dt)), neg_rs)
-        group["lr"] = LR_START * decay ** (t - 1) * min(1.0, t / WARMUP)
-        refresh = exact or t % REFRESH == 0
-        before = None if refresh else mu.clone()
-        adam.step()
-        mu.clamp_(min=0)
-        if refresh:
-            r0 = ops.cols(mu * rs, c)
+        g = torch.addcmul(neg_b, ops.rows(minus_u.to(dt)), neg_rs)
+        m1.lerp_(g, 1 - beta1)
+        m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        lr = LR_START * decay ** (t - 1) * min(1.0, t / WARMUP)
+        # Adam's bias corrections folded into the step and eps: sqrt(m2 / bc2) + eps = (sqrt(m2) + eps sqrt(bc2)) / sqrt(bc2)
+        bc2 = math.sqrt(1 - beta2**t)
+        denom = m2.sqrt().add_(ADAM_EPS * bc2)
+        new = torch.addcdiv(mu, m1, denom, value=lr * bc2 / (1 - beta1**t)).clamp_(min=0)
+        if exact or t % REFRESH == 0:
+            r0 = ops.cols(new * rs, c)
         else:  # r0 moves by A^T (row_scale dmu): a bf16 product of a small change, refreshed above
-            r0.add_(ops.cols_low(torch.sub(mu, before, out=before).mul_(rs)))
-    mu.grad = None
+            r0.add_(ops.cols_low((new - mu).mul_(rs)))
+        mu = new
     return best, mu
 
 
