@@ -402,14 +402,11 @@ def _flatten_nodes(p: str, gated: Sequence[GatedTensor]) -> tuple[list[onnx.Node
     return nodes, flat
 
 
-def _concat(nodes: list[onnx.NodeProto], parts: list[str], name: str) -> str:
-    """One (N, sum) tensor of ``parts`` along axis 1 (the part itself when there is one)."""
-    nodes += _concat_nodes(parts, name, 1)
-    return parts[0] if len(parts) == 1 else name
-
-
-def _concat_nodes(parts: list[str], name: str, axis: int) -> list[onnx.NodeProto]:
-    return [] if len(parts) == 1 else [helper.make_node("Concat", parts, [name], axis=axis, name=name)]
+def _concat_nodes(parts: list[str], name: str, axis: int = 1) -> tuple[list[onnx.NodeProto], str]:
+    """``parts`` joined along ``axis`` as ``name``, or the one part itself (no node, no copy)."""
+    if len(parts) == 1:
+        return [], parts[0]
+    return [helper.make_node("Concat", parts, [name], axis=axis, name=name)], name
 
 
 def _quantize_nodes(prefix: str, p: str, z: str, sfx: str = "") -> tuple[list[onnx.NodeProto], str, str]:
@@ -493,7 +490,8 @@ def _window_nodes(p: str, flat: list[str], sizes: list[int], start: int, width: 
             parts.append(name)
         at += size
     inits.append(_init(f"{p}zw_axis", np.array([1], np.int64)))
-    return nodes, inits, _concat(nodes, parts, p + "zw")
+    more_nodes, zw = _concat_nodes(parts, p + "zw")
+    return nodes + more_nodes, inits, zw
 
 
 def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: str) -> list[onnx.NodeProto]:
@@ -502,6 +500,9 @@ def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: 
     > 0 (their rows gathered as (1, n, M)), scattered over the window's; then the gate of every input from
     that. Where the window already closes the gate (1 + neg_w excess_W <= 0) the gate is clip(that) = 0,
     and the full excess could only close it further."""
+    gathered = [f"{p}zc{i}" for i in range(len(flat))]
+    c_nodes, zc = _concat_nodes(gathered, p + "zc", axis=2)
+    q_nodes, _, vd_c = _quantize_nodes(prefix, p, zc, "_c")
     return [
         *_excess_nodes(prefix, p, p + "rows_w", p + "k", vd_w, prefix + "axis1", "_w"),
         helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
@@ -511,10 +512,10 @@ def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: 
         helper.make_node("NonZero", [p + "open"], [p + "nz"], name=p + "nz"),  # (1, n) open rows, ascending
         helper.make_node("Unsqueeze", [p + "nz", prefix + "axis2"], [p + "idx"], name=p + "idx"),
         helper.make_node("Gather", [p + "k", p + "nz"], [p + "kc"], axis=0, name=p + "kc"),
-        *[helper.make_node("Gather", [z, p + "nz"], [f"{p}zc{i}"], axis=0, name=f"{p}zc{i}") for i, z in enumerate(flat)],
-        *_concat_nodes([f"{p}zc{i}" for i in range(len(flat))], p + "zc", 2),
-        *_quantize_nodes(prefix, p, p + "zc" if len(flat) > 1 else p + "zc0", "_c")[0],
-        *_excess_nodes(prefix, p, p + "rows", p + "kc", p + "vd_c", prefix + "axis2", "_c"),
+        *[helper.make_node("Gather", [z, p + "nz"], [name], axis=0, name=name) for z, name in zip(flat, gathered)],
+        *c_nodes,
+        *q_nodes,
+        *_excess_nodes(prefix, p, p + "rows", p + "kc", vd_c, prefix + "axis2", "_c"),
         helper.make_node("ScatterND", [p + "nex_w", p + "idx", p + "nex_c"], [p + "nex"], name=p + "nex"),
         *_pre_nodes(prefix, p, p + "nex"),
         helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
@@ -538,9 +539,9 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
     2. *the gate of k alone*: its sign row (a Gather), ``sum_i min(s_ki v_i, 0) = -excess_k / 2`` in float32
        (integers below 2^24: exact in any order), times ``-2 neg_w_k`` (the same real product as
        ``neg_w_k excess_k``, so the same single float32 rounding), plus 1, clipped to [0, 1].
-    3. *screening* (format 7, when W is not all M): step 2 on W alone gives a bound, and step 2 on all
-       M values runs only for the inputs whose bound is open (NonZero, Gather of their rows), its gates
-       scattered into the bound. Exact: each value adds min(s v, 0) <= 0, so W's sum is at least all M's
+    3. *screening* (format 7, when W is not all M): step 2 on W alone gives a bound, and the sum over all
+       M values runs only for the inputs whose bound is open (NonZero, Gather of their rows), scattered
+       over the window's sums before the one gate tail (:func:`_screened_gate_nodes`). Exact: each value adds min(s v, 0) <= 0, so W's sum is at least all M's
        (integers, exact in float32), float32 rounding is monotone, and the clip of a value <= 0 is 0: where
        the bound is 0 the gate is 0. Every output is the unscreened graph's, bit for bit; the full
        quantization and gate passes over (N, M) shrink to (N, |W|) plus the few open rows.
@@ -592,8 +593,9 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
             if not any(i.name == prefix + "axis2" for i in inits):
                 inits.append(_init(prefix + "axis2", np.array([2], np.int64)))
         else:
-            q_nodes, va, vd = _quantize_nodes(prefix, p, _concat(nodes, flat, p + "z"))
-            nodes += q_nodes
+            c_nodes, z = _concat_nodes(flat, p + "z")
+            q_nodes, va, vd = _quantize_nodes(prefix, p, z)
+            nodes += c_nodes + q_nodes
         s_nodes, s_inits = _selection_nodes(prefix, p, va, p + ("select_in" if screened else "select"), n_rec + pad, opset)
         nodes += s_nodes
         nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
@@ -709,13 +711,16 @@ def build_patch_graph(
     opset: int,
     ir_version: int,
     form: str,
+    screen: bool = True,
 ) -> onnx.ModelProto:
-    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes)."""
+    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes).
+    ``screen=False`` builds it without step 3 of :func:`gate_nodes` (the same outputs, as
+    ``PatchedModel(screen=False)`` composes them): not the canonical graph, so a device refuses it in a file."""
     if opset < MIN_OPSET:
         raise ValueError(f"patch graphs need opset >= {MIN_OPSET}, the base has {opset}")
     group = GateGroup(tuple(gated), params.signs, params.gamma, params.scale_log2)
     _check_sizes([group])
-    nodes, inits, gate, k = gate_nodes(PREFIX, [group], opset, packed=True)
+    nodes, inits, gate, k = gate_nodes(PREFIX, [group], opset, packed=True, screen=screen)
     more_nodes, more_inits = correction_nodes(PREFIX, gate, k, logits_name, params.T, params.t, form, OUTPUT_NAME)
     c = params.n_classes
     inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]

@@ -425,6 +425,33 @@ def test_selection_that_does_not_separate_the_records_refused(base, patches, mlp
         assert_refused(base, [evil], "structure", "not the canonical gated-affine graph")
 
 
+def test_screening_bound_used_as_the_gate_refused(base, patches, mlp_bundle, forget_ids, tmp_path):
+    """Format 7 bounds each gate on a window of the gated values and sums over all of them only where that
+    bound is open. An attacker's graph that takes the window's bound as the gate (the canonical graph
+    with its ScatterND of the full sums replaced by the window's sums), the honest patch's own records,
+    re-hashed with a re-derived id: run as it stands it opens gates on retained training points the honest
+    graph leaves at exactly 0 (their logits change), and the structure check refuses it, in both modes."""
+    x = mlp_bundle.dataset.x_train
+    z = gated_values(base, x)
+    keep = np.setdiff1d(np.arange(len(x)), forget_ids)
+    for mode in ("prune", "collapse"):
+        m, params = unchecked_parts(patches[mode][0])
+        honest = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+        evil = copy.deepcopy(honest)
+        at = next(i for i, n in enumerate(evil.graph.node) if n.op_type == "ScatterND")
+        evil.graph.node[at].CopyFrom(helper.make_node("Identity", [PREFIX + "g0_nex_w"], [PREFIX + "g0_nex"], name=PREFIX + "g0_nex"))
+        feeds = {m.logits_name: np.zeros((len(x), m.n_classes), np.float32)}
+        start = z.shape[1] - m.gated_size
+        for g in m.gated:
+            feeds[g.name] = z[:, start : start + g.size].reshape(len(x), *g.shape)
+            start += g.size
+        out_h, out_e = (make_session(g.SerializeToString()).run(None, feeds)[0] for g in (honest, evil))
+        changed = (out_h[keep] != out_e[keep]).any(axis=1)
+        assert changed.sum() >= 20, "the window's bound alone opens gates on retained points"
+        path = forge_graph(tmp_path / f"window-gate-{mode}.pepatch", m, evil)
+        assert_refused(base, [path], "structure", "not the canonical gated-affine graph")
+
+
 def test_honest_chain_passes_with_probe(base, chain, probe_file, mlp_bundle):
     doc = assert_certified(base, [chain["first"], chain["second"]], "--probe", probe_file)
     assert [(s["name"], s["status"]) for s in doc["set"]] == [("interference", "pass"), ("probe", "pass")]

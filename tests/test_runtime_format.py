@@ -1430,18 +1430,10 @@ M_WIDE = sum(g.size for g in WIDE)
 BOUND, CAND_NEX = PREFIX + "g0_gpre_w", PREFIX + "g0_nex_c"
 
 
-def unscreened_twin(params: PatchParams, form: str, monkeypatch) -> onnx.ModelProto:
+def unscreened_twin(params: PatchParams, form: str) -> onnx.ModelProto:
     """The graph of ``params`` with the same selection values but without the screening stage: every input's
-    gate computed on all M values (what format 6 did)."""
-    a = selection_neurons(params.signs)
-    with monkeypatch.context() as mp:
-        mp.setattr(patchgraph, "SCREEN_WIDTH", 10**6)
-        mp.setattr(patchgraph, "selection_neurons", lambda signs: a)
-        patchgraph._window.cache_clear()
-        try:
-            model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
-        finally:
-            patchgraph._window.cache_clear()
+    gate computed on all M values (what ``PatchedModel(screen=False)`` composes)."""
+    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form, screen=False)
     assert "NonZero" not in [n.op_type for n in model.graph.node]
     return model
 
@@ -1489,7 +1481,7 @@ def screening_inputs(params: PatchParams, rng: np.random.Generator) -> np.ndarra
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
+def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form):
     """Format 7 quantizes a window of the gated values for every input and all of them only where the
     window's bound of the chosen record's gate is open. That bound must never close a gate the full
     computation opens: searched on inputs at the bound's edge (one window violation of each size around
@@ -1504,7 +1496,7 @@ def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
     model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node].count("NonZero") == 1
-    twin = unscreened_twin(params, form, monkeypatch)
+    twin = unscreened_twin(params, form)
     z = screening_inputs(params, rng)
     f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
     out, gate, k, bound, nex_c = session(model, GATE, K, BOUND, CAND_NEX).run(None, feeds(z, f, WIDE))
@@ -1523,24 +1515,56 @@ def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form, monkeypatch):
     assert (open_bound & (gate[:, 0] == 0)).sum() > 20 and ((gate > 0) & (gate < 1)).sum() > 20 and (gate == 1).sum() > 100
     assert (bound[:, 0] == 0).sum() > 10 and (bound[:, 0] < 0).sum() > 100 and ((bound[:, 0] > 0) & (bound[:, 0] < 0.05)).sum() > 10
     assert (np.clip(bound, 0, 1) >= gate).all()
+    # Across patches: a device composes records of other steps into further groups, each screened on its own
+    # window; the most open group's record acts (first group on ties). Two groups, the same inputs.
+    from prune_edge.runtime.patchgraph import GateGroup, gate_nodes
+
+    half = params.n_records // 2
+    groups = [GateGroup(WIDE, params.signs[:half], params.gamma[:half], STEP_LOG2),
+              GateGroup(WIDE, params.signs[half:], params.gamma[half:], STEP_LOG2 - 1)]
+    taps = [PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_gpre_w", PREFIX + "g1_gpre_w"]
+    runs = {}
+    for screen in (True, False):
+        nodes, inits, _, _ = gate_nodes(PREFIX, groups, OPSET, screen=screen)
+        inputs = [onnx.helper.make_tensor_value_info(g.name, onnx.TensorProto.FLOAT, ["N", *g.shape]) for g in WIDE]
+        outs = taps if screen else taps[:2]
+        graph = onnx.helper.make_graph(nodes, "g", inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in outs], inits)
+        m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR)
+        feed = {k: v for k, v in feeds(z, f, WIDE).items() if k != LOGITS}
+        runs[screen] = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feed)
+    (gate2, k2, b0, b1), (gate2_t, k2_t) = runs[True], runs[False]
+    assert gate2.tobytes() == gate2_t.tobytes() and k2.tobytes() == k2_t.tobytes()
+    gates, picks = [], []
+    for gi, (lo, hi, scale) in enumerate(((0, half, STEP_LOG2), (half, params.n_records, STEP_LOG2 - 1))):
+        ref = PatchParams(params.signs[lo:hi], params.gamma[lo:hi], params.T[lo:hi], params.t[lo:hi], scale)
+        pre_g, _ = reference_pre(z, ref)
+        kg = reference_selection(z, ref).argmax(axis=1)
+        gates.append(np.clip(pre_g[np.arange(len(z)), kg], 0, 1))
+        picks.append(kg + lo)
+    first = np.stack(gates, axis=1).argmax(axis=1)
+    np.testing.assert_array_equal(gate2[:, 0], np.maximum(*gates))
+    np.testing.assert_array_equal(k2, np.stack(picks, axis=1)[np.arange(len(z)), first])
+    for b in (b0, b1):  # each group screened some inputs out and left others open
+        assert (b[:, 0] <= 0).sum() > 100 and (b[:, 0] > 0).sum() > 100
 
 
-def test_screened_gate_with_no_some_or_every_input_open(monkeypatch):
+def test_screened_gate_with_no_some_or_every_input_open():
     """The dynamic part of the screened graph (NonZero, Gather of open rows, ScatterND) on batches where
     no input, every input, or a single input has an open bound, and on an empty batch."""
     rng = np.random.default_rng(72)
     params = with_form(random_params(rng, p=40, m=M_WIDE), "affine")
     model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine")
-    sess, twin = session(model, GATE, K, CAND_NEX), session(unscreened_twin(params, "affine", monkeypatch), GATE, K)
+    sess, twin = session(model, GATE, K, CAND_NEX), session(unscreened_twin(params, "affine"), GATE, K)
     far = rng.normal(scale=3.0, size=(50, M_WIDE)).astype(np.float32)  # violations everywhere: every bound 0
     inside = codes_to_z(params.signs[rng.integers(0, 40, size=50)].astype(np.int64) * 5)  # every bound 1
-    for z in (far, inside, np.concatenate([far[:20], inside[:1], far[20:]]), far[:0]):
+    one = np.concatenate([far[:20], inside[:1], far[20:]])
+    for z, n_open in ((far, 0), (inside, 50), (one, 1), (far[:0], 0)):
         f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
         out, gate, k, nex_c = sess.run(None, feeds(z, f, WIDE))
         out_t, gate_t, k_t = twin.run(None, feeds(z, f, WIDE))
         assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes() and k.tobytes() == k_t.tobytes()
         assert out.shape == (len(z), C) and gate.shape == (len(z), 1)
-        assert nex_c.shape[1] == {50: 0 if z is far else 50}.get(len(z), len(z) and 1)
+        assert nex_c.shape == (1, n_open, 1)
 
 
 def test_screen_window():
