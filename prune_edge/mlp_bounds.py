@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -180,6 +180,16 @@ class _ChainProducts(gen._Products):
         low = dtype != torch.float32
         self.wlow = [w.to(dtype) for w in hidden] if low else self.w32
         self.mlow = [m.to(dtype) for m in expand] if low else self.m32
+        self._all = (self.m32, self.mlow)  # the masks of every pair, for select
+
+    def select(self, rows: torch.Tensor) -> "_ChainProducts":
+        """The same products for the flat (region, objective) pairs ``rows`` alone: only the masks
+        are per pair, so this picks their rows (the weights are shared)."""
+        out = copy.copy(self)
+        m32, mlow = self._all
+        out.m32 = [m.index_select(0, rows) for m in m32]
+        out.mlow = out.m32 if mlow is m32 else [m.index_select(0, rows) for m in mlow]
+        return out
 
     def _fwd(self, u: torch.Tensor, ws: list[torch.Tensor], ms: list[torch.Tensor]) -> torch.Tensor:
         y = u.reshape(-1, u.shape[2]) @ ws[0].T
@@ -316,12 +326,17 @@ def _certify(mu: torch.Tensor, regions: MLPRegions, c64: torch.Tensor, lo: torch
 
 
 @torch.no_grad()
-def chain_dual_lower_bounds(regions: MLPRegions, c: np.ndarray, *, steps: int = 300) -> np.ndarray:
+def chain_dual_lower_bounds(regions: MLPRegions, c: np.ndarray, *, steps: int = 300,
+                            keep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """(B, K) float64 sound lower bounds of min c.h over each region of ``regions`` (c: (B, K, D)).
 
     :func:`prune_edge.bounds.dual_lower_bounds` for MLP regions, without forming their constraint
     matrices: same scaling, same ascent, the same float64 weak-duality certificate (with the rounding
-    slack of the chain). Deterministic (mu starts at 0)."""
+    slack of the chain). Deterministic (mu starts at 0).
+
+    ``keep``: given the ascent's (B, K) estimates of these bounds so far (float32 dual values, not yet
+    certified), which pairs still need tightening (bool); the others stop early (bounds.DROP_AT). Every
+    bound returned is certified whatever ``keep`` says; stopped ones are just looser."""
     dev = regions.h.device
     c = np.ascontiguousarray(c, dtype=np.float64)
     bsz, d = len(regions.h), regions.weights[0].shape[1]
@@ -335,6 +350,10 @@ def chain_dual_lower_bounds(regions: MLPRegions, c: np.ndarray, *, steps: int = 
     if bsz == 0 or k == 0 or steps <= 0:  # the box bound (mu = 0)
         return _certify(torch.zeros(bsz, k, m, dtype=torch.float64, device=dev), regions, c64, lo, hi).cpu().numpy()
     s = _scaled(regions, c64, lo, hi)
-    best, _ = gen._ascend(s, steps)  # the best mu seen, the last one included
+    rule = None
+    if keep is not None:
+        def rule(vals: torch.Tensor) -> torch.Tensor:  # scaled dual values -> this LP's units
+            return torch.from_numpy(np.asarray(keep((vals.double() * s.obj_scale).cpu().numpy()), dtype=bool)).to(vals.device)
+    best, _ = gen._ascend(s, steps, rule)  # the best mu seen, the last one included
     mu = best.double() * (s.row_scale.double() * s.obj_scale[:, :, None])  # back to the original LP's multipliers
     return _certify(mu, regions, c64, lo, hi).cpu().numpy()

@@ -37,6 +37,17 @@ from .runtime.policy import DEFAULT_POLICY
 
 MODES = ("prune", "collapse")
 BOUNDS = ("dual", "exact")
+# How a prune record shifts its specification rows into [q_lower, q_upper] (see _prune_scales):
+# "per-row" shifts each row by what its own upper bound needs (PRUNE's closed form as written);
+# "common" shifts every row by what the largest upper bound needs (the target's logit raised), so only
+# that bound must be tight: the dual ascent stops the other rows once they are clearly below it.
+SHIFTS = ("common", "per-row")
+# A row stops ascending (bounds.DROP_AT) when its upper bound so far is this far below its region's
+# largest: max(DOMINANCE_ABS, DOMINANCE_REL * |largest|) logits. Measured on 1,000 regions of the
+# default MLP: no region's largest bound moved by more than 0.05 against running every row to the end
+# (margins of 2-4 logits decided at step 20 moved 3-14 regions' by up to 2.7).
+DOMINANCE_ABS = 6.0
+DOMINANCE_REL = 0.2
 # Aim this far inside the specification, so the float32 rounding of the stored t (checked by the
 # device on the stored tensors, with no tolerance) cannot leave it.
 SPEC_INSET = 1e-4
@@ -67,6 +78,7 @@ class SynthConfig:
     dual_steps: int = 120
     lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
     target: str = "confuse"  # what a record maps its region to: PRUNE's confusing label or "unseen" (prune_edge.targets)
+    shift: str = "common"  # prune: every row shifted by the largest bound's need ("common") or each by its own ("per-row")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +89,8 @@ class SynthConfig:
             raise ValueError(f"margin: expected > 0, found {self.margin}")
         if self.bounds not in BOUNDS:
             raise ValueError(f"bounds: expected one of {BOUNDS}, found {self.bounds!r}")
+        if self.shift not in SHIFTS:
+            raise ValueError(f"shift: expected one of {SHIFTS}, found {self.shift!r}")
         if self.target not in ("confuse", "unseen"):
             raise ValueError(f"target: expected confuse or unseen, found {self.target!r}")
         if self.target == "unseen" and self.mode != "collapse":
@@ -141,8 +155,15 @@ def _inset(q: float | np.ndarray) -> float | np.ndarray:
     return SPEC_INSET + 1e-6 * np.abs(q)
 
 
-def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper: float) -> tuple[np.ndarray, np.ndarray]:
-    """PRUNE: per row, scale the interval to fit the specification width, then shift it inside."""
+def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper: float,
+                  shift: str = "per-row") -> tuple[np.ndarray, np.ndarray]:
+    """PRUNE: per row, scale the interval to fit the specification width, then shift it inside.
+
+    ``per-row``: each row moves by what its own bounds need (0 when already inside). ``common``: every
+    row of a record moves by the largest need, the most negative shift any row needs (a row whose
+    lower side would then leave the specification moves only as far as it can, which still keeps its
+    upper side inside, since the scaled interval fits). In logits that raises the target against all
+    classes alike, and a row's bound only has to be below the largest one, not tight."""
     # Aim a little inside the specification so float32 rounding of the stored t cannot leave it.
     q_lower_in = q_lower + _inset(q_lower)
     q_upper_in = q_upper - _inset(upper)
@@ -156,6 +177,9 @@ def _prune_scales(lower: np.ndarray, upper: np.ndarray, q_lower: float, q_upper:
     high, low = fits & (upper > q_upper_in), fits & (lower < q_lower_in)
     beta[high] = (q_upper_in - upper)[high]
     beta[low] = (q_lower_in - lower)[low]
+    if shift == "common":
+        need = np.minimum(beta, 0.0).min(axis=-1, keepdims=True)  # the largest downward shift of any row
+        beta = np.maximum(need, q_lower_in - alpha * lower)  # <= q_upper_in - alpha * upper, as width fits
     # Short decimals for the manifest; rounding beta down keeps the upper side inside.
     return alpha, np.floor(beta * 1e6) / 1e6
 
@@ -250,7 +274,7 @@ def synthesize(
         lower, upper, lp_solves, bound_stats = _region_bounds(regions, [tg for _, tg in plans], config, device, progress)
         t_lp = time.perf_counter() - t1
         lower, upper = _round_outward(lower, upper)
-        alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper)
+        alpha, beta = _prune_scales(lower, upper, config.q_lower, config.q_upper, config.shift)
         mean_scale, mean_shift = np.ones(p), np.zeros(p)
     else:
         lower = upper = None
@@ -342,8 +366,8 @@ def _region_bounds(
     if isinstance(regions, MLPRegions):
         mlp = regions
 
-        def minimum(sel: np.ndarray | None, c: np.ndarray) -> np.ndarray:
-            return chain_dual_lower_bounds(mlp if sel is None else mlp.subset(sel), c, steps=config.dual_steps)
+        def minimum(sel: np.ndarray | None, c: np.ndarray, keep=None) -> np.ndarray:
+            return chain_dual_lower_bounds(mlp if sel is None else mlp.subset(sel), c, steps=config.dual_steps, keep=keep)
     else:
         from .bounds import dual_lower_bounds
 
@@ -351,17 +375,28 @@ def _region_bounds(
         A = np.stack([lp.a_ub for lp in lps])
         bvec = np.stack([lp.b_ub for lp in lps])
 
-        def minimum(sel: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+        def minimum(sel: np.ndarray | None, c: np.ndarray, keep=None) -> np.ndarray:  # keep: all rows run to the end
             a, b = (A, bvec) if sel is None else (A[sel], bvec[sel])
             return dual_lower_bounds(a, b, lo, hi, c, steps=config.dual_steps, device=device)
-    upper = -minimum(None, -obj) + const
+    stopped = np.zeros(const.shape, dtype=bool)  # rows whose ascent stopped early (a stopped row never resumes)
+
+    def undominated(est: np.ndarray) -> np.ndarray:
+        """The rows whose upper bound so far is not clearly below its region's largest (common shift)."""
+        up = -est + const
+        top = up.max(axis=1, keepdims=True)
+        wanted = up > top - np.maximum(DOMINANCE_ABS, DOMINANCE_REL * np.abs(top))
+        stopped[:] |= ~wanted
+        return wanted
+
+    upper = -minimum(None, -obj, undominated if config.shift == "common" else None) + const
     room = (config.q_upper - _inset(upper)) - (config.q_lower + _inset(config.q_lower))
     keep = (box_lower >= config.q_lower + _inset(config.q_lower)) & (upper - box_lower <= room)
     lower = box_lower.copy()
     if not keep.all():
         need = np.flatnonzero(~keep.all(axis=1))
         lower[need] = minimum(need, obj[need]) + const[need]
-    return lower, upper, 0, {"bounds_skipped": int(keep.sum()), "bounds_optimised": int(upper.size + (~keep).sum())}
+    return lower, upper, 0, {"bounds_skipped": int(keep.sum()), "bounds_optimised": int(upper.size + (~keep).sum()),
+                             "bounds_stopped_early": int(stopped.sum())}
 
 
 def _set_gates(view: GatedView, forget_ids: np.ndarray, records: list[RecordData], config: SynthConfig) -> int:

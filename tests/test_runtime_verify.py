@@ -504,17 +504,30 @@ def _shifts(manifest, graph, k: int = 0) -> np.ndarray:
     return completed_spec(rec.target, manifest.n_classes) @ params_of(manifest, graph).t[k].astype(np.float64)
 
 
+def _edge_row(manifest, graph, k: int = 0) -> int:
+    """The specification row of record k that its certificate leaves least room: its patched top,
+    alpha * upper + P t, is nearest q_upper (with the default common shift, the row of the largest upper
+    bound; the other rows end further inside, so an edit of those may still certify)."""
+    rec = manifest.records[k]
+    top = np.asarray(rec.alpha) * np.asarray(rec.upper) + _shifts(manifest, graph, k)[:-1]
+    return int(np.argmax(top))
+
+
 def _cert_upper_in_manifest(manifest, graph):
-    """prune: record 0's stored upper bound raised (what format 3's beta edit became: the manifest's
-    certificate numbers no longer fit the graph's shift)."""
+    """prune: record 0's stored upper bound raised on its edge row (what format 3's beta edit became: the
+    manifest's certificate numbers no longer fit the graph's shift)."""
     rec = manifest.records[0]
-    return {"records": replace_record(manifest, 0, upper=(rec.upper[0] + 0.5, *rec.upper[1:]))}, graph
+    upper = list(rec.upper)
+    upper[_edge_row(manifest, graph)] += 0.5
+    return {"records": replace_record(manifest, 0, upper=tuple(upper))}, graph
 
 
 def _cert_t_in_graph(manifest, graph):
-    """A non-target entry of record 0's t raised: its row moves up, past q_upper."""
+    """The t entry of the class on record 0's edge row raised: that row moves up, past q_upper."""
     t = params_of(manifest, graph).t.copy()
-    t[0, (manifest.records[0].target + 1) % manifest.n_classes] += 0.5
+    others = [c for c in range(manifest.n_classes) if c != manifest.records[0].target]
+    edge = others[_edge_row(manifest, graph)] if manifest.mode == "prune" else (manifest.records[0].target + 1) % manifest.n_classes
+    t[0, edge] += 0.5  # collapse: every row sits at q_upper
     return {}, with_params(manifest, graph, t=t)
 
 

@@ -740,3 +740,39 @@ def test_bounds_round_outward_to_short_numbers():
     assert np.allclose(up * 10, np.round(up * 10), atol=1e-6)
     e_lo, e_up = _round_outward(np.zeros((0, 9)), np.zeros((0, 9)))
     assert e_lo.shape == e_up.shape == (0, 9)
+
+
+def test_common_shift_keeps_every_row_certified_and_the_largest_bound_tight(patches, mlp_bundle, forget_ids, regions_of, tmp_path):
+    """The default shift moves every row of a record by what its largest upper bound needs, so the dual
+    ascent stops rows clearly below that bound early. Against PRUNE's per-row shift on the same request:
+    the same records and the same largest bound per record (up to the 0.1 grid), every other stored bound
+    still sound (counterexample search: HiGHS' exact maximum of each row over the region, stopped rows
+    included, never above it), one shift for all rows, and both patches forget and pass verification."""
+    from prune_edge.runtime.patchgraph import completed_spec
+
+    common_path, common_report = patches["prune"]
+    per_row_path = tmp_path / "per-row.pepatch"
+    per_row_report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode="prune", seed=0, shift="per-row"),
+                                       per_row_path, device="cpu", progress=False)
+    assert common_report["synthesis"]["bounds_stopped_early"] > 0 == per_row_report["synthesis"]["bounds_stopped_early"]
+    common, per_row = read_patch_file(common_path).manifest, read_patch_file(per_row_path).manifest
+    assert [r.target for r in common.records] == [r.target for r in per_row.records]
+    up_c = np.array([r.upper for r in common.records])
+    up_p = np.array([r.upper for r in per_row.records])
+    assert np.all(np.abs(up_c.max(axis=1) - up_p.max(axis=1)) <= 0.1 + 1e-9)
+    assert np.all(up_c >= up_p - 0.1 - 1e-9) and np.any(up_c > up_p + 1.0)  # stopped rows: looser, never tighter
+    # the stored bounds are what the device's certificate stands on: each must hold at the LP's worst point
+    manifest, params = patch_params(common_path)
+    start, regions = regions_of(manifest)
+    members = record_members(regions.signs, params)
+    for k in range(4):
+        rows = spec_rows(manifest.records[k].target, manifest.n_classes)
+        _, exact_upper = region_lp(regions, int(members[k][0])).row_bounds(rows)
+        assert np.all(exact_upper <= up_c[k] + 1e-9), (k, exact_upper - up_c[k])
+    # one shift for every row (no row's lower side binds with q_lower = -1000)
+    for k, rec in enumerate(manifest.records):
+        shift = completed_spec(rec.target, manifest.n_classes) @ params.t[k].astype(np.float64)
+        assert np.ptp(shift[:-1]) <= 1e-4 and shift[0] <= manifest.q_upper - (up_c[k].max() - 1e-3)
+    x = mlp_bundle.dataset.x_train[forget_ids]
+    for path in (common_path, per_row_path):
+        assert (PatchedModel(mlp_bundle.onnx_path, [path]).predict(x) != mlp_bundle.dataset.y_train[forget_ids]).all()
