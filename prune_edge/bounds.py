@@ -55,8 +55,8 @@ REFRESH = 20
 # 256 regions, upper sides, 60 and 120 steps): bit-identical bounds tracking from 0, 0.25 or 0.5, and the
 # ascent 4-5% faster from 0.5 (0.86 -> 0.82 s for 256 regions, three runs alternating).
 TRACK_FROM = 0.5
-# When the caller needs only some objectives tight (prune_edge.synth: the common shift needs each region's
-# largest upper bound, every other row only below it), it is asked at these fractions of the steps which
+# When the caller needs only some objectives tight (prune_edge.synth, --tighten largest: each region's
+# largest upper bound, the rows clearly below it only sound), it is asked at these fractions of the steps which
 # (region, objective) pairs still matter; the rest stop. On 1,000 regions of the default MLP (120 steps,
 # synth's dominance rule) deciding at steps 20 and 40 leaves 15% of the pairs ascending, almost all of
 # them after the first decision (docs/sets.md).

@@ -211,7 +211,7 @@ def test_unseen_variables_left_out_of_the_ascent_only(mlp_bundle, monkeypatch, s
 
 @pytest.mark.parametrize("start", [0, 1])
 def test_objectives_stopped_early_stay_sound_and_the_kept_ones_tight(mlp_bundle, start):
-    """``keep`` stops some (region, objective) pairs at bounds.DROP_AT (what the common shift asks for
+    """``keep`` stops some (region, objective) pairs at bounds.DROP_AT (what --tighten largest asks for
     rows below their region's largest bound). Counterexample search against HiGHS on real regions: every
     bound, stopped or not, never above the LP optimum; the pairs kept to the end are as tight as in a full
     ascent; stopped ones are looser."""

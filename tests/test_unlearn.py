@@ -742,37 +742,57 @@ def test_bounds_round_outward_to_short_numbers():
     assert e_lo.shape == e_up.shape == (0, 9)
 
 
-def test_common_shift_keeps_every_row_certified_and_the_largest_bound_tight(patches, mlp_bundle, forget_ids, regions_of, tmp_path):
-    """The default shift moves every row of a record by what its largest upper bound needs, so the dual
-    ascent stops rows clearly below that bound early. Against PRUNE's per-row shift on the same request:
-    the same records and the same largest bound per record (up to the 0.1 grid), every other stored bound
+def test_tighten_largest_keeps_every_bound_sound_and_the_largest_tight(patches, mlp_bundle, forget_ids, regions_of, tmp_path):
+    """By default the dual ascent stops rows clearly below their region's largest upper bound. Against every
+    bound tightened to the end (--tighten all) on the same request: the same records and the same largest
+    bound per record (up to the 0.1 grid), the stopped ones looser, never tighter, and every stored bound
     still sound (counterexample search: HiGHS' exact maximum of each row over the region, stopped rows
-    included, never above it), one shift for all rows, and both patches forget and pass verification."""
-    from prune_edge.runtime.patchgraph import completed_spec
-
-    common_path, common_report = patches["prune"]
-    per_row_path = tmp_path / "per-row.pepatch"
-    per_row_report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode="prune", seed=0, shift="per-row"),
-                                       per_row_path, device="cpu", progress=False)
-    assert common_report["synthesis"]["bounds_stopped_early"] > 0 == per_row_report["synthesis"]["bounds_stopped_early"]
-    common, per_row = read_patch_file(common_path).manifest, read_patch_file(per_row_path).manifest
-    assert [r.target for r in common.records] == [r.target for r in per_row.records]
-    up_c = np.array([r.upper for r in common.records])
-    up_p = np.array([r.upper for r in per_row.records])
-    assert np.all(np.abs(up_c.max(axis=1) - up_p.max(axis=1)) <= 0.1 + 1e-9)
-    assert np.all(up_c >= up_p - 0.1 - 1e-9) and np.any(up_c > up_p + 1.0)  # stopped rows: looser, never tighter
+    included, never above it); both patches forget their points."""
+    default_path, default_report = patches["prune"]
+    all_path = tmp_path / "tighten-all.pepatch"
+    all_report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode="prune", seed=0, tighten="all"),
+                                   all_path, device="cpu", progress=False)
+    assert default_report["synthesis"]["bounds_stopped_early"] > 0 == all_report["synthesis"]["bounds_stopped_early"]
+    default, every = read_patch_file(default_path).manifest, read_patch_file(all_path).manifest
+    assert [r.target for r in default.records] == [r.target for r in every.records]
+    up_d = np.array([r.upper for r in default.records])
+    up_a = np.array([r.upper for r in every.records])
+    assert np.all(np.abs(up_d.max(axis=1) - up_a.max(axis=1)) <= 0.1 + 1e-9)
+    assert np.all(up_d >= up_a - 0.1 - 1e-9) and np.any(up_d > up_a + 1.0)
     # the stored bounds are what the device's certificate stands on: each must hold at the LP's worst point
-    manifest, params = patch_params(common_path)
+    manifest, params = patch_params(default_path)
     start, regions = regions_of(manifest)
     members = record_members(regions.signs, params)
     for k in range(4):
         rows = spec_rows(manifest.records[k].target, manifest.n_classes)
         _, exact_upper = region_lp(regions, int(members[k][0])).row_bounds(rows)
-        assert np.all(exact_upper <= up_c[k] + 1e-9), (k, exact_upper - up_c[k])
-    # one shift for every row (no row's lower side binds with q_lower = -1000)
+        assert np.all(exact_upper <= up_d[k] + 1e-9), (k, exact_upper - up_d[k])
+    x = mlp_bundle.dataset.x_train[forget_ids]
+    for path in (default_path, all_path):
+        assert (PatchedModel(mlp_bundle.onnx_path, [path]).predict(x) != mlp_bundle.dataset.y_train[forget_ids]).all()
+
+
+def test_common_shift_moves_every_row_by_the_largest_need(patches, mlp_bundle, forget_ids, tmp_path):
+    """--shift common: every row of a record moves by what its largest upper bound needs (no row's lower side
+    binds with q_lower = -1000), so the target wins by more than with PRUNE's per-row shift, on the same
+    stored bounds; the device's certificate check passes and the points are forgotten."""
+    from prune_edge.runtime.patchgraph import completed_spec
+
+    path = tmp_path / "common.pepatch"
+    build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode="prune", seed=0, shift="common"), path, device="cpu",
+                      progress=False)
+    manifest, params = patch_params(path)
+    per_row, per_row_params = patch_params(patches["prune"][0])
+    assert [r.upper for r in manifest.records] == [r.upper for r in per_row.records]  # same bounds, other shifts
     for k, rec in enumerate(manifest.records):
         shift = completed_spec(rec.target, manifest.n_classes) @ params.t[k].astype(np.float64)
-        assert np.ptp(shift[:-1]) <= 1e-4 and shift[0] <= manifest.q_upper - (up_c[k].max() - 1e-3)
+        own = completed_spec(rec.target, manifest.n_classes) @ per_row_params.t[k].astype(np.float64)
+        top = max(rec.upper)
+        assert np.ptp(shift[:-1]) <= 1e-4 and manifest.q_upper - top - 0.13 <= shift[0] <= manifest.q_upper - top + 1e-3
+        assert np.all(shift[:-1] <= own[:-1] + 0.125)  # both on the t grid (< 0.125 from the exact shift)
+    model = PatchedModel(mlp_bundle.onnx_path, [path])  # verified, certificate included
     x = mlp_bundle.dataset.x_train[forget_ids]
-    for path in (common_path, per_row_path):
-        assert (PatchedModel(mlp_bundle.onnx_path, [path]).predict(x) != mlp_bundle.dataset.y_train[forget_ids]).all()
+    z, z_own = model.logits(x), PatchedModel(mlp_bundle.onnx_path, [patches["prune"][0]]).logits(x)
+    assert (z.argmax(1) == z_own.argmax(1)).all()
+    margin = lambda v: np.diff(np.sort(v, axis=1)[:, -2:], axis=1)[:, 0]  # noqa: E731
+    assert np.all(margin(z) >= margin(z_own) - 1e-3) and np.median(margin(z)) > np.median(margin(z_own)) + 1.0
