@@ -310,6 +310,8 @@ def synthesize(
         "lp_seconds": t_lp,
         "lp_solves": lp_solves,
         "bounds": config.bounds if config.mode == "prune" else None,
+        "shift": config.shift if config.mode == "prune" else None,
+        "tighten": config.tighten if config.mode == "prune" and config.bounds == "dual" else None,
         **bound_stats,
         "gate_seconds": t_end - t_gates,
         "records": len(records),

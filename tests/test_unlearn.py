@@ -753,6 +753,8 @@ def test_tighten_largest_keeps_every_bound_sound_and_the_largest_tight(patches, 
     all_report = build_point_patch(mlp_bundle, forget_ids, SynthConfig(mode="prune", seed=0, tighten="all"),
                                    all_path, device="cpu", progress=False)
     assert default_report["synthesis"]["bounds_stopped_early"] > 0 == all_report["synthesis"]["bounds_stopped_early"]
+    assert [(r["synthesis"]["shift"], r["synthesis"]["tighten"]) for r in (default_report, all_report)] == [
+        ("per-row", "largest"), ("per-row", "all")]  # what the build did, in its report
     default, every = read_patch_file(default_path).manifest, read_patch_file(all_path).manifest
     assert [r.target for r in default.records] == [r.target for r in every.records]
     up_d = np.array([r.upper for r in default.records])
