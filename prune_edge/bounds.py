@@ -177,6 +177,11 @@ def _scaled(a64: torch.Tensor, b64: torch.Tensor, c64: torch.Tensor, lo: torch.T
     )
 
 
+def _per_pair(x: torch.Tensor, bsz: int, k: int) -> torch.Tensor:
+    """(B, 1 or K, n) -> (1, B K, n): one row per (region, objective), in region-major order."""
+    return x.expand(bsz, k, x.shape[2]).reshape(1, bsz * k, x.shape[2])
+
+
 @torch.no_grad()
 def _ascend(s: _Scaled, steps: int, keep: KeepRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on the scaled dual; returns (best mu seen, last mu), both (B, K, M) float32.
@@ -220,28 +225,21 @@ def _ascend(s: _Scaled, steps: int, keep: KeepRows | None = None) -> tuple[torch
             best_val = torch.maximum(val, best_val)
             best = torch.lerp(best, mu, better)  # exact for weights 0 and 1: best, or mu where it is better
         if t in checks:
-            if rows is None:  # from here on one flat row per (region, objective): b, rs, w per row
+            if rows is None:  # from here on one flat row per (region, objective), b, rs and w included
                 bsz, k = c.shape[:2]
                 rows = torch.arange(bsz * k, device=c.device)
                 best_all, mu_all, vals = best.clone(), mu.clone(), best_val.clone()
-                flat = [x.expand(bsz, k, x.shape[2]).reshape(1, bsz * k, x.shape[2]) for x in (b, rs)]
-                b, rs = flat
-                neg_b, neg_rs = -b, -rs
-                if w is not None:
-                    w = w.expand(bsz, k, w.shape[2]).reshape(1, bsz * k, w.shape[2])
-                mu, m1, m2, best, best_val, r0, c = (x.reshape(1, bsz * k, *x.shape[2:]) for x in (mu, m1, m2, best, best_val, r0, c))
-                rneg = rneg.reshape(1, bsz * k, -1)
+                mu, m1, m2, best, r0, c, rneg, b, rs = (_per_pair(x, bsz, k) for x in (mu, m1, m2, best, r0, c, rneg, b, rs))
+                best_val, w = best_val.reshape(1, -1), None if w is None else _per_pair(w, bsz, k)
             else:
                 vals.view(-1)[rows] = best_val[0]
             best_all.view(-1, best.shape[2])[rows] = best[0]
-            wanted = keep(vals).reshape(-1)[rows]
-            sel = torch.nonzero(wanted)[:, 0]
+            sel = torch.nonzero(keep(vals).reshape(-1)[rows])[:, 0]
             rows = rows[sel]
             ops = ops.select(rows)
-            mu, m1, m2, best, best_val, r0, c, rneg, b, neg_b, rs, neg_rs = (
-                x.index_select(1, sel) for x in (mu, m1, m2, best, best_val, r0, c, rneg, b, neg_b, rs, neg_rs))
-            if w is not None:
-                w = w.index_select(1, sel)
+            mu, m1, m2, best, best_val, r0, c, rneg, b, rs = (
+                x.index_select(1, sel) for x in (mu, m1, m2, best, best_val, r0, c, rneg, b, rs))
+            neg_b, neg_rs, w = -b, -rs, None if w is None else w.index_select(1, sel)
             if not len(rows):
                 break
         if t > steps:  # the last update has been evaluated too

@@ -227,8 +227,9 @@ def _card_table(card: dict) -> str:
                    "row by what the region's largest needs (the target's logit raised; smaller files, more extreme "
                    "outputs on the forgotten regions). Both are certified. See docs/sets.md.")
 @click.option("--tighten", type=click.Choice(["largest", "all"]), default="largest", show_default=True,
-              help="prune, dual bounds: tighten each region's largest upper bound to the end and stop rows clearly below "
-                   "it early (about 3x faster; those rows shift a little more than they need), or every bound.")
+              help="prune, dual bounds of an MLP base: tighten each region's largest upper bound to the end and stop rows "
+                   "clearly below it early (about 3x faster; those rows shift a little more than they need), or every "
+                   "bound (what other bases always do).")
 @click.option("--after", "after", multiple=True, type=click.Path(),
               help="A patch devices already run (repeatable): checked together with the new one.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -83,7 +83,7 @@ class SynthConfig:
     lp_workers: int | None = None  # processes for the exact region LPs; None: all cores
     target: str = "confuse"  # what a record maps its region to: PRUNE's confusing label or "unseen" (prune_edge.targets)
     shift: str = "per-row"  # prune: each row shifted by its own bound's need ("per-row") or all by the largest's ("common")
-    tighten: str = "largest"  # prune, dual bounds: tighten each region's largest bound to the end, or "all" of them
+    tighten: str = "largest"  # prune, dual bounds of an MLP: tighten each region's largest bound to the end, or "all"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -311,7 +311,7 @@ def synthesize(
         "lp_solves": lp_solves,
         "bounds": config.bounds if config.mode == "prune" else None,
         "shift": config.shift if config.mode == "prune" else None,
-        "tighten": config.tighten if config.mode == "prune" and config.bounds == "dual" else None,
+        "tighten": config.tighten if factored_bounds(net, config) else None,  # the generic path runs every row
         **bound_stats,
         "gate_seconds": t_end - t_gates,
         "records": len(records),
