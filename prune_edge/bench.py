@@ -224,10 +224,10 @@ def run_bench(
     latency.append({"patches": chain["records"], "mode": f"chain of {chain['patches']} collapse", "gate_layers": "all",
                     "threads": threads or "default", **row})
     prune_model = PatchedModel(bundle.onnx_path, [out / f"forget{points}-prune.pepatch"], threads=threads)
-    # The same patch composed without the gates' window screening (PatchedModel(screen=False), the same
-    # outputs): cheaper where inputs come one at a time, dearer for batches (docs/sets.md, "Format 7").
+    # The same patch composed in the patch file's product form (PatchedModel(screen=False), the same
+    # outputs): a little cheaper where inputs come one at a time, dearer for batches (docs/sets.md, "Format 8").
     direct_model = PatchedModel(bundle.onnx_path, prune_model.patches, threads=threads, screen=False)
-    for mode, model in (("prune", prune_model), ("prune unscreened", direct_model)):
+    for mode, model in (("prune", prune_model), ("prune product form", direct_model)):
         for batch in (1, 256):
             row = compare_latency(base_model, model, ds.x_test[:batch])
             latency.append({"patches": points, "mode": mode, "gate_layers": "all", "threads": threads or "default", **row})

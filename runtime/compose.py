@@ -38,8 +38,9 @@ def compose(base: onnx.ModelProto, patches: Sequence[VerifiedPatch], expose_gate
             screen: bool = True) -> Composition:
     """Merge ``patches`` into a copy of ``base``. With ``expose_gates`` the acting gate's value
     (N, 1) and its record index (N,) are extra outputs after the base's own (and the logits).
-    ``screen``: the gates bound themselves on a window first (:func:`~.patchgraph.gate_nodes`); False for
-    a device that runs one input at a time (the same outputs, fewer nodes).
+    ``screen``: each group looks up its acting record and computes the exact gate only for the inputs
+    that have one (:func:`~.patchgraph.gate_nodes`, the lookup form); False composes the patch file's
+    product form (the same outputs, fewer nodes: for a device that runs one input at a time).
 
     The correction sits at the base's logits tensor (:func:`~.basecard.find_logits`): the node that
     computed it now writes a renamed tensor, the patch reads that and writes the logits under their

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 from .errors import PatchFormatError
 
 FORMAT_NAME = "prune-edge-patch"
+# 8: the acting record is the first whose signs on the selection values are the input's, else none (gate
+#    0): devices find it by a lookup trie and compute its gate only where there is one (patchgraph.gate_nodes);
 # 7: the gate first quantizes and bounds on a window of the gated values (patchgraph.screen_window) and
 #    computes the exact gate only where that bound is open; the selection values lie in the window;
 # 6: the gate selects its record in two stages (patchgraph.gate_nodes: a product over the few values
@@ -30,7 +32,7 @@ FORMAT_NAME = "prune-edge-patch"
 #    records (the device reads the shift from the graph's t), bit-packed signs in the graph;
 # 3: exact-pattern gates, one record acts per input, gate step and chain in the manifest, patch id =
 #    hash of the content; 2: int8 gates summed over records; 1: float32 gates.
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 # "suppress": a class-suppression patch (no records, no gates: the ``suppress`` object below)
 MODES = ("prune", "collapse", "suppress")
 FORMS = ("shift", "collapse", "affine", "suppress")  # graph forms, see patchgraph

@@ -70,9 +70,9 @@ class PatchedModel:
     A patch that fails any check raises a :class:`~prune_edge.runtime.errors.PatchVerificationError`
     from the constructor: nothing is ever composed from a refused patch.
 
-    ``screen=False`` composes the gates without their window screening (:func:`~.patchgraph.gate_nodes`):
-    the same outputs, bit for bit, and about 20 fewer small nodes, which is faster where inputs come one
-    at a time and slower for batches (measured in docs/sets.md, "Format 7").
+    ``screen=False`` composes the gates in the patch file's product form instead of the lookup
+    (:func:`~.patchgraph.gate_nodes`): the same outputs, bit for bit; about 10 fewer small nodes, which
+    is a little faster where inputs come one at a time and much slower for batches (docs/sets.md, "Format 8").
     """
 
     def __init__(

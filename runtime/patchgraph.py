@@ -7,15 +7,16 @@ sees it (``z >= 0`` is active)::
     v      = sat_int8(2 floor(z / delta) + 1)                   Mul, Floor, QuantizeLinear (N, M)
                                                                  odd (or -128), never 0, sign(v) = [z >= 0]
     excess_k = |v|_1 - v . s_k = 2 sum_i relu(-s_ki v_i)          even int >= 0, 0 exactly on k's region
-    k*     = first argmax_k  v_A . s_k,A                          MatMulInteger (N, |A|) x (|A|, P), ArgMax
-    g      = clip(1 - gamma_k* delta/4 * excess_k*, 0, 1)        the chosen record's gate alone (N, M)
+    k*     = the first record whose signs on A are the input's   a trie lookup (device) or (N, |A|) x (|A|, P)
+                                                                 MatMulInteger, first ArgMax, score = |v_A|_1 (file)
+    g      = clip(1 - gamma_k* delta/4 * excess_k*, 0, 1), 0 if none   the chosen record's gate alone
     out    = f + g * (T_k* f + t_k*)                             at most one record acts on an input
 
 A = :func:`selection_neurons` of the records' signs: the few gated values whose signs tell every two
 distinct patterns apart (29 for 500 random training points of the default MLP), all inside a window W
-(:func:`screen_window`: 96 contiguous values of the 384). Format 7 quantizes only W for every input, computes
-k* and the bound ``clip(1 - gamma_k* delta/4 * excess_k*,W, 0, 1)`` there, and the exact gate on all M values only
-for the inputs whose bound is open (about 1 in 10 test images for a 500-record patch): the same gates, bit for bit.
+(:func:`screen_window`: 96 contiguous values of the 384). Format 8 acts only where the input's signs on A
+are some record's (about 3% of the MNIST test images under a 500-record patch): a device finds that record
+by one table lookup per 4 signs and computes the exact gate for those inputs alone (:func:`gate_nodes`).
 
 Why this shape (the certificate issue):
 - exact regions: ``excess_k = 0`` exactly when every gated neuron has the activation of record k's
@@ -25,20 +26,19 @@ Why this shape (the certificate issue):
   certify, not even for a dead unit whose pre-activation sits at -1e-11 on every input. So the sets
   where two different patterns' gates are 1 are disjoint *by construction*;
 - one record acts, and on record k's region it is k (or a record with k's very pattern, which
-  :mod:`.interference` demands share its target): ``v_A . s_j,A <= |v_A|_1`` with equality exactly
-  when the input's signs on A are record j's, and A separates distinct patterns, so on k's region
-  the maximal selection scores are the records with k's whole pattern; the first acts with gate 1.
+  :mod:`.interference` demands share its target): the input's signs on A are k's, records with equal
+  signs on A have equal patterns (A separates distinct patterns), and the first of them acts with gate 1.
   Each record's certificate (its target wins on its region) then holds inside a patch and across
   every patch a device runs, checked by an integer comparison of patterns, not an LP. Elsewhere the
-  acting gate is the chosen record's exact gate: outputs change only where some record's gate is open;
-- speed: the selection product is (N, |A|) x (|A|, P) with weights +-1 (exact int32 on every kernel,
-  no int16 pair can saturate), a fraction of a product over all M values; past it, (N, P) is touched
-  by one ReduceMax over blocks of 32 scores (two small ArgMax and a GatherND then find the first
-  maximum; a TopK is 4x slower on 256 x 512 scores), and the exact gate costs one Gather of a sign row
-  and an (N, M) Mul and sums. Format 5 took the product over all M values (with |v|_1 in chunks):
-  the 500-record set patch ran at 1.6x the base on one thread of an AVX2 CPU, format 6 at 1.3x. Format 7's
-  screening leaves (N, |W|) of those passes plus the open rows' (1.25x -> 1.18x on one thread, 1.38x -> 1.31x on
-  two, in one process).
+  acting gate is the looked-up record's exact gate, or 0 where no record has the input's signs on A:
+  outputs change only where some record's gate is open;
+- speed: formats 5-7 scored every input against every record, (N, |A|) x (|A|, P) integer products and an
+  argmax over (N, P), and screened the exact gate on a window: at batch 256 the 500-record set patch cost
+  about 0.4 of the base on two threads of an AVX2 CPU and 0.2 on one. Format 8's lookup touches (N, |A|)
+  signs and N table entries per level, and the exact gate only the inputs that have a record: about 0.1-0.15
+  of the base (``docs/sets.md``, "Format 8"). The patch file keeps the product form, whose tables follow from
+  the bit-packed signs by constant nodes; the trie is a function of the same verified signs, built by the
+  device when it composes (:func:`lookup_tables`), so the file carries no more bytes.
 Where every gate is 0 the correction is ``0 * (finite)``: the output equals the base logits (bit for bit,
 except that a logit of exactly -0.0 may come out as +0.0; device policy caps |T| and |t|, so the
 correction is always finite).
@@ -476,49 +476,156 @@ def _own_gate_nodes(prefix: str, p: str, vd: str, gate: str) -> list[onnx.NodePr
     ]
 
 
-def _window_nodes(p: str, flat: list[str], sizes: list[int], start: int, width: int
-                  ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """The window [start, start + width) of the concatenated gated values, (N, width): a Slice of each
-    gated tensor it covers (no copy of the other values)."""
-    nodes, inits, parts, at = [], [], [], 0
+LOOKUP_BITS = 4  # sign bits per level of the lookup trie: 16-way nodes, tables of 16 (nodes + 1) entries
+
+
+@dataclass(frozen=True)
+class LookupTables:
+    """A trie over the records' signs on the selection values A, read ``LOOKUP_BITS`` at a time.
+
+    ``weights[j, l]`` = 2^(j mod LOOKUP_BITS) where A's j-th value is in level l's chunk: a (|A|, L) float32
+    MatMul of the input's 0/1 signs on A gives each level's chunk code (exact integers < 16). Node 0 of
+    every level is the sink (no record has this prefix), node 1 of level 0 the root. ``levels[l]``
+    (int32, 16 (nodes_l + 1) entries) maps node * 16 + code to the next level's node * 16, and the last
+    one maps to record + 1 (0: no record has these signs); ``records`` maps the same last index to the
+    record itself (0 where none). Records with equal signs on A have equal whole patterns (A separates
+    distinct patterns), and the first of them is stored: exactly the record the product form selects."""
+
+    weights: np.ndarray
+    levels: tuple[np.ndarray, ...]
+    records: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Table entries in all: what a device holds in memory for the lookup (4 bytes each, 8 for ``records``)."""
+        return sum(t.size for t in self.levels) + self.records.size
+
+
+def lookup_tables(signs: np.ndarray, select: np.ndarray) -> LookupTables:
+    """:class:`LookupTables` of the records' ``signs`` on ``select`` (a function of the signs: a device
+    builds them from the parameters it verified)."""
+    bits = (np.asarray(signs)[:, select] > 0).astype(np.int64)
+    p, a = bits.shape
+    w = LOOKUP_BITS
+    n_levels = -(-a // w)
+    padded = np.zeros((p, n_levels * w), np.int64)
+    padded[:, :a] = bits
+    chunks = (padded.reshape(p, n_levels, w) << np.arange(w)).sum(axis=2)  # (P, L) codes < 2^w
+    weights = np.zeros((a, n_levels), np.float32)
+    weights[np.arange(a), np.arange(a) // w] = 2.0 ** (np.arange(a) % w)
+    node, n_nodes, levels = np.ones(p, np.int64), 2, []  # every record starts at the root, node 1
+    for level in range(n_levels):
+        key = (node << w) + chunks[:, level]
+        table = np.zeros(n_nodes << w, np.int64)
+        if level < n_levels - 1:
+            prefixes, inverse = np.unique(key, return_inverse=True)
+            table[prefixes] = (1 + np.arange(len(prefixes))) << w  # next nodes 1.. (0 is the sink)
+            node, n_nodes = 1 + inverse.reshape(-1), len(prefixes) + 1
+            levels.append(table.astype(np.int32))
+        else:
+            first = np.unique(key, return_index=True)[1]  # the first record of each pattern on A
+            table[key[first]] = first + 1
+            levels.append(table.astype(np.int32))
+            records = np.maximum(table - 1, 0)
+    return LookupTables(weights, tuple(levels), records)
+
+
+def _lookup_nodes(prefix: str, p: str, flat: list[str], sizes: list[int], select: np.ndarray,
+                  tables: LookupTables, opset: int) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes writing ``p + "hit"`` (N,) int32, record + 1 of the first record whose signs on ``select``
+    are the input's (0: none), and ``p + "k1"`` (N, 1) int64, that record (0 where none): the signs on A
+    as each level's chunk code (one MatMul per gated tensor A touches, over the span of A in it), then
+    one Gather per level. The sign of v = 2 floor(z / delta) + 1 is [z / delta >= 0] (floor keeps the
+    sign, -0 included), so the lookup reads exactly the signs the product form scores."""
+    nodes, inits, partial, at = [], [], [], 0
     for i, (z, size) in enumerate(zip(flat, sizes)):
-        lo, hi = max(start, at), min(start + width, at + size)
-        if lo < hi:
-            name = f"{p}zw{i}"
-            nodes.append(helper.make_node("Slice", [z, f"{p}zw{i}_from", f"{p}zw{i}_to", f"{p}zw_axis"], [name], name=name))
-            inits += [_init(f"{p}zw{i}_from", np.array([lo - at], np.int64)), _init(f"{p}zw{i}_to", np.array([hi - at], np.int64))]
-            parts.append(name)
+        mine = np.flatnonzero((select >= at) & (select < at + size))
+        if len(mine):
+            lo, hi = int(select[mine[0]]) - at, int(select[mine[-1]]) - at + 1
+            weights = np.zeros((hi - lo, tables.weights.shape[1]), np.float32)
+            weights[select[mine] - at - lo] = tables.weights[mine]
+            n = lambda key: f"{p}{key}{i}"  # noqa: E731
+            nodes += [
+                helper.make_node("Slice", [z, n("a_from"), n("a_to"), prefix + "axis1"], [n("za")], name=n("za")),
+                helper.make_node("Mul", [n("za"), p + "inv_delta"], [n("ya")], name=n("ya")),
+                helper.make_node("GreaterOrEqual", [n("ya"), prefix + "zero"], [n("on")], name=n("on")),
+                helper.make_node("Cast", [n("on")], [n("onf")], to=TensorProto.FLOAT, name=n("onf")),
+                helper.make_node("MatMul", [n("onf"), n("a_w")], [n("cf")], name=n("cf")),
+            ]
+            inits += [_init(n("a_from"), np.array([lo], np.int64)), _init(n("a_to"), np.array([hi], np.int64)),
+                      _init(n("a_w"), weights)]
+            partial.append(n("cf"))
         at += size
-    inits.append(_init(f"{p}zw_axis", np.array([1], np.int64)))
-    more_nodes, zw = _concat_nodes(parts, p + "zw")
-    return nodes + more_nodes, inits, zw
+    codes = partial[0]
+    for j, more in enumerate(partial[1:]):  # chunk codes of values in different tensors add up (exact)
+        nodes.append(helper.make_node("Add", [codes, more], [f"{p}cf_sum{j}"], name=f"{p}cf_sum{j}"))
+        codes = f"{p}cf_sum{j}"
+    n_levels = len(tables.levels)
+    nodes.append(helper.make_node("Cast", [codes], [p + "codes"], to=TensorProto.INT32, name=p + "codes"))
+    chunk = [f"{p}c{level}" for level in range(n_levels)]
+    if n_levels == 1:
+        chunk = [p + "codes"]
+    elif opset >= 18:
+        nodes.append(helper.make_node("Split", [p + "codes"], chunk, axis=1, num_outputs=n_levels, name=p + "split"))
+    else:
+        nodes.append(helper.make_node("Split", [p + "codes"], chunk, axis=1, name=p + "split"))
+    index = p + "i0"
+    nodes.append(helper.make_node("Add", [chunk[0], p + "root"], [index], name=index))
+    inits.append(_init(p + "root", np.array([1 << LOOKUP_BITS], np.int32)))
+    for level, table in enumerate(tables.levels):
+        out = f"{p}n{level}"
+        nodes.append(helper.make_node("Gather", [f"{p}trie{level}", index], [out], axis=0, name=out))
+        inits.append(_init(f"{p}trie{level}", table))
+        if level < n_levels - 1:
+            index = f"{p}i{level + 1}"
+            nodes.append(helper.make_node("Add", [out, chunk[level + 1]], [index], name=index))
+    nodes += [
+        helper.make_node("Gather", [p + "trie_k", index], [p + "k1"], axis=0, name=p + "k1"),
+        helper.make_node("Squeeze", [f"{p}n{n_levels - 1}", prefix + "axis1"], [p + "hit"], name=p + "hit"),
+    ]
+    inits.append(_init(p + "trie_k", tables.records))
+    return nodes, inits
 
 
-def _screened_gate_nodes(prefix: str, p: str, flat: list[str], vd_w: str, gate: str) -> list[onnx.NodeProto]:
-    """Stage 2 screened (format 7): -excess/2 of the record ``p + "k"`` on the window (values ``vd_w``, sign
-    rows ``p + "rows_w"``) for every input; on all M values only for the inputs where 1 + neg_w excess_W is
-    > 0 (their rows gathered as (1, n, M)), scattered over the window's; then the gate of every input from
-    that. Where the window already closes the gate (1 + neg_w excess_W <= 0) the gate is clip(that) = 0,
-    and the full excess could only close it further."""
+def _matched_gate_nodes(prefix: str, p: str, flat: list[str], gate: str) -> list[onnx.NodeProto]:
+    """The exact gate of the looked-up record, computed only for the inputs that have one (NonZero of
+    ``p + "hit"``, a Gather of their rows, quantized and summed as the product form does it, the same
+    float32 operations in the same order), scattered into zeros: ``gate`` (N, 1)."""
     gathered = [f"{p}zc{i}" for i in range(len(flat))]
     c_nodes, zc = _concat_nodes(gathered, p + "zc", axis=2)
     q_nodes, _, vd_c = _quantize_nodes(prefix, p, zc, "_c")
     return [
-        *_excess_nodes(prefix, p, p + "rows_w", p + "k", vd_w, prefix + "axis1", "_w"),
-        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
-        *_pre_nodes(prefix, p, p + "nex_w", "_w"),
-        helper.make_node("Greater", [p + "gpre_w", prefix + "zero"], [p + "open1"], name=p + "open1"),
-        helper.make_node("Squeeze", [p + "open1", prefix + "axis1"], [p + "open"], name=p + "open"),
-        helper.make_node("NonZero", [p + "open"], [p + "nz"], name=p + "nz"),  # (1, n) open rows, ascending
+        helper.make_node("NonZero", [p + "hit"], [p + "nz"], name=p + "nz"),  # (1, n) inputs with a record
         helper.make_node("Unsqueeze", [p + "nz", prefix + "axis2"], [p + "idx"], name=p + "idx"),
         helper.make_node("Gather", [p + "k", p + "nz"], [p + "kc"], axis=0, name=p + "kc"),
         *[helper.make_node("Gather", [z, p + "nz"], [name], axis=0, name=name) for z, name in zip(flat, gathered)],
         *c_nodes,
         *q_nodes,
         *_excess_nodes(prefix, p, p + "rows", p + "kc", vd_c, prefix + "axis2", "_c"),
-        helper.make_node("ScatterND", [p + "nex_w", p + "idx", p + "nex_c"], [p + "nex"], name=p + "nex"),
-        *_pre_nodes(prefix, p, p + "nex"),
-        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
+        helper.make_node("Gather", [p + "pos_w1", p + "kc"], [p + "pw"], axis=0, name=p + "pw"),  # (1, n, 1)
+        *_pre_nodes(prefix, p, p + "nex_c"),
+        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [p + "gate_c"], name=p + "gate_c"),
+        helper.make_node("Shape", [p + "k1"], [p + "nshape"], name=p + "nshape"),
+        helper.make_node("ConstantOfShape", [p + "nshape"], [p + "closed"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+                         name=p + "closed"),
+        helper.make_node("ScatterND", [p + "closed", p + "idx", p + "gate_c"], [gate], name=gate),
+    ]
+
+
+def _match_nodes(prefix: str, p: str, n_blocks: int, opset: int) -> list[onnx.NodeProto]:
+    """``p + "match"`` (N, 1) bool: the selected record's signs on A are the input's, i.e. its score
+    v_A . s_A reaches |v_A|_1 (integers below 2^24: exact in float32). The maximal score is the maximum
+    of the block maxima (with one block, that block's maximum itself)."""
+    top = p + "block_max"
+    nodes = []
+    if n_blocks > 1:
+        top = p + "sel_max"
+        nodes.append(_reduce_max(p + "block_max", 1, top, 1, opset, prefix + "axis1"))
+    return nodes + [
+        helper.make_node("Cast", [top], [p + "sel_maxf"], to=TensorProto.FLOAT, name=p + "sel_maxf"),
+        helper.make_node("DequantizeLinear", [p + "va_sel", prefix + "unit", prefix + "zp"], [p + "vd_sel"], name=p + "vd_sel"),
+        _reduce_l1(p + "vd_sel", p + "l1_sel", opset, prefix + "axis1"),
+        helper.make_node("Equal", [p + "sel_maxf", p + "l1_sel"], [p + "match"], name=p + "match"),
     ]
 
 
@@ -527,37 +634,29 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
     """Nodes writing the acting record's gate ``prefix + "gate_max"`` (N, 1) and its index
     ``prefix + "k"`` (N,) int64 among every record of every group, in group order.
 
-    Per group, on its gated tensors flattened to (N, M) values z: floor(z / delta), then one
-    QuantizeLinear with scale 1/2 and zero point 129 writes the odd v = 2 floor + 1 as uint8 codes (read
-    back with zero point 128: saturation keeps the sign). First on the group's :func:`screen_window` W
-    alone (every value when W is all M), then:
-    1. *selection*: the codes at the group's :func:`selection_neurons` A (inside W), times the records'
-       signs there, in one uint8 x int8 MatMulInteger (weights +-1: exact int32 on every kernel, an int16
-       pair is at most 2 x 255), ``sel_k = v_A . s_k,A``; k = the first maximal column
-       (:func:`_argmax_nodes`). The row is padded to a multiple of ``SELECT_BLOCK`` with copies of the
-       last record's column, so a tie sends any padding column back to that record.
-    2. *the gate of k alone*: its sign row (a Gather), ``sum_i min(s_ki v_i, 0) = -excess_k / 2`` in float32
-       (integers below 2^24: exact in any order), times ``-2 neg_w_k`` (the same real product as
-       ``neg_w_k excess_k``, so the same single float32 rounding), plus 1, clipped to [0, 1].
-    3. *screening* (format 7, when W is not all M): step 2 on W alone gives a bound, and the sum over all
-       M values runs only for the inputs whose bound is open (NonZero, Gather of their rows), scattered
-       over the window's sums before the one gate tail (:func:`_screened_gate_nodes`). Exact: each value adds min(s v, 0) <= 0, so W's sum is at least all M's
-       (integers, exact in float32), float32 rounding is monotone, and the clip of a value <= 0 is 0: where
-       the bound is 0 the gate is 0. Every output is the unscreened graph's, bit for bit; the full
-       quantization and gate passes over (N, M) shrink to (N, |W|) plus the few open rows.
-    Why it is sound: sel_k <= |v_A|_1 with equality exactly when x's signs on A are k's; A separates
-    distinct patterns, so on record k's region the maximal columns are exactly the records with k's
-    whole pattern, the first of them acts, and its excess is 0: gate 1. Elsewhere the acting gate is
-    the chosen record's exact gate, so an output changes only where some record's gate is open.
-    With several groups (records gating on other tensors or another step), each group picks its
-    record this way and the most open of those acts (first group on ties).
-    The parameter path (sign unpacking, the transposed rows, the selected and padded table, the
-    rescaled weights) reads constants only: onnxruntime folds it when it loads the graph.
-    ``packed``: the signs are stored as bits and unpacked by constant nodes (:func:`_unpack_nodes`; the
-    patch file's form, smaller on the wire), else as the int8 (M, P) table itself (a device's composed model).
-    ``screen=False`` leaves out step 3 (the same selection values, the same outputs): the patch file's
-    canonical graph always screens, a device may compose without it where inputs come one at a time
-    (at batch 1 every node costs about a microsecond whatever its size, and screening adds about 20)."""
+    What they compute (format 8), per group with gated values z (N, M) and selection values A
+    (:func:`selection_neurons`, inside :func:`screen_window`): the odd integers v = 2 floor(z / delta) + 1,
+    saturated to int8 (one QuantizeLinear with scale 1/2 and zero point 129 writes them as uint8 codes,
+    read back with zero point 128); k = the first record whose signs on A are the input's; where there
+    is one, its exact gate ``clip(1 - gamma_k delta/4 excess_k, 0, 1)`` with ``-excess_k / 2 =
+    sum_i min(s_ki v_i, 0)`` in float32 (integers below 2^24: exact in any order); where none, gate 0
+    and k = 0. Two forms compute it, output for output the same:
+    - *product* (the patch file's canonical graph, ``packed`` or ``screen=False``): every input's codes
+      at A times the records' signs there in one uint8 x int8 MatMulInteger (weights +-1: exact int32 on
+      every kernel, an int16 pair is at most 2 x 255), k = the first maximal column (:func:`_argmax_nodes`;
+      the row padded to a multiple of ``SELECT_BLOCK`` with copies of the last record's column), its gate
+      on every input, kept where the maximal score is |v_A|_1 (:func:`_match_nodes`). Its tables follow
+      from the signs by constant nodes (``packed``: unpacked from bits), so the file carries no more.
+    - *lookup* (what a device composes, ``screen=True``): the signs on A as chunk codes, one Gather per
+      level of a trie built from the verified signs (:func:`lookup_tables`, :func:`_lookup_nodes`), and
+      the exact gate only for the inputs that have a record (:func:`_matched_gate_nodes`: about 3% of
+      the MNIST test images under a 500-record patch). No (N, P) product and no pass over every input's
+      M values: the patch costs about a tenth of the base at batch 256 where the product form cost 0.4.
+    Why it is sound: on record k's region the input's signs are k's everywhere, on A too, so k or an
+    earlier record with k's very pattern (A separates distinct patterns) acts, with excess 0: gate 1.
+    Elsewhere the acting gate is the looked-up record's exact gate or 0, so an output changes only where
+    some record's gate is open. With several groups (records gating on other tensors or another step),
+    each group finds its record this way and the most open of those acts (first group on ties)."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = [
         _init(prefix + "zp", np.array(QUANT_ZERO_POINT, np.uint8)),
@@ -569,54 +668,50 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
         _init(prefix + "unit", np.array(1.0, np.float32)),
         _init(prefix + "axis1", np.array([1], np.int64)),
     ]
+    lookup = screen and not packed
+    if lookup:
+        inits.append(_init(prefix + "axis2", np.array([2], np.int64)))
     single = len(groups) == 1
     gates, ks = [], []
     for gi, group in enumerate(groups):
         p = f"{prefix}g{gi}_"
         n_rec = int(group.signs.shape[0])
-        pad = -n_rec % SELECT_BLOCK
         gate = prefix + "gate_max" if single else p + "gate"
-        start, width = screen_window(group.signs)
-        screened = screen and width < group.size
         select = selection_neurons(group.signs)
         f_nodes, flat = _flatten_nodes(p, group.gated)
         nodes += f_nodes
-        if screened:
-            w_nodes, w_inits, zw = _window_nodes(p, flat, [g.size for g in group.gated], start, width)
-            q_nodes, va, vd = _quantize_nodes(prefix, p, zw, "_w")
-            nodes += w_nodes + q_nodes
-            inits += w_inits + [
-                _init(p + "win_from", np.array([start], np.int64)),
-                _init(p + "win_to", np.array([start + width], np.int64)),
-                _init(p + "select_in", select - start),  # A's place in the window's codes
+        inits.append(_init(p + "inv_delta", np.array(2.0 ** -group.scale_log2, np.float32)))  # exact: a power of two
+        if lookup:
+            l_nodes, l_inits = _lookup_nodes(prefix, p, flat, [g.size for g in group.gated], select,
+                                             lookup_tables(group.signs, select), opset)
+            nodes += l_nodes
+            nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
+            nodes += _matched_gate_nodes(prefix, p, flat, gate)
+            inits += l_inits + [
+                _init(p + "rows", np.ascontiguousarray(group.signs)),  # (P, M) int8
+                _init(p + "pos_w1", (neg_weight(group.gamma, 2.0**group.scale_log2) * np.float32(-2.0)).reshape(-1, 1)),
             ]
-            if not any(i.name == prefix + "axis2" for i in inits):
-                inits.append(_init(prefix + "axis2", np.array([2], np.int64)))
         else:
+            pad = -n_rec % SELECT_BLOCK
             c_nodes, z = _concat_nodes(flat, p + "z")
             q_nodes, va, vd = _quantize_nodes(prefix, p, z)
-            nodes += c_nodes + q_nodes
-        s_nodes, s_inits = _selection_nodes(prefix, p, va, p + ("select_in" if screened else "select"), n_rec + pad, opset)
-        nodes += s_nodes
-        nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
-        if screened:  # the records' sign rows on the window (a constant: folded at load)
-            nodes.append(helper.make_node("Slice", [p + "rows", p + "win_from", p + "win_to", prefix + "axis1"],
-                                          [p + "rows_w"], name=p + "rows_w"))
-            nodes += _screened_gate_nodes(prefix, p, flat, vd, gate)
-        else:
-            nodes += _own_gate_nodes(prefix, p, vd, gate)
-        inits += s_inits
-        inits.append(_init(p + "inv_delta", np.array(2.0 ** -group.scale_log2, np.float32)))  # exact: a power of two
-        if packed:
-            more_nodes, more_inits = _unpack_nodes(p, pack_signs(group.signs), n_rec)
-            nodes, inits = more_nodes + nodes, inits + more_inits
-        else:
-            inits.append(_init(p + "signs", np.ascontiguousarray(group.signs.T)))  # (M, P) int8
-        inits += [
-            _init(p + "neg_w", neg_weight(group.gamma, 2.0**group.scale_log2)),
-            _init(p + "select", select),
-            _init(p + "pad", np.array([0, 0, 0, pad], np.int64)),
-        ]
+            s_nodes, s_inits = _selection_nodes(prefix, p, va, p + "select", n_rec + pad, opset)
+            nodes += c_nodes + q_nodes + s_nodes
+            nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
+            nodes += _own_gate_nodes(prefix, p, vd, p + "gate_any")
+            nodes += _match_nodes(prefix, p, (n_rec + pad) // SELECT_BLOCK, opset)
+            nodes.append(helper.make_node("Where", [p + "match", p + "gate_any", prefix + "zero"], [gate], name=gate))
+            inits += s_inits
+            if packed:
+                more_nodes, more_inits = _unpack_nodes(p, pack_signs(group.signs), n_rec)
+                nodes, inits = more_nodes + nodes, inits + more_inits
+            else:
+                inits.append(_init(p + "signs", np.ascontiguousarray(group.signs.T)))  # (M, P) int8
+            inits += [
+                _init(p + "neg_w", neg_weight(group.gamma, 2.0**group.scale_log2)),
+                _init(p + "select", select),
+                _init(p + "pad", np.array([0, 0, 0, pad], np.int64)),
+            ]
         gates.append(gate)
         ks.append(p + "k1")
     if single:
@@ -637,6 +732,13 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
               helper.make_node("GatherElements", [prefix + "ks", prefix + "gsel"], [prefix + "k1"], axis=1, name=prefix + "k1"),
               helper.make_node("Squeeze", [prefix + "k1", prefix + "axis1"], [prefix + "k"], name=prefix + "k")]
     return nodes, inits, prefix + "gate_max", prefix + "k"
+
+
+def _reduce_l1(x: str, out: str, opset: int, axes_name: str) -> onnx.NodeProto:
+    """ReduceL1 over axis 1, kept: its axes are an attribute before opset 18, an input from it on."""
+    if opset < 18:
+        return helper.make_node("ReduceL1", [x], [out], axes=[1], keepdims=1, name=out)
+    return helper.make_node("ReduceL1", [x, axes_name], [out], keepdims=1, name=out)
 
 
 def _reduce_max(x: str, axis: int, out: str, keepdims: int, opset: int, axes_name: str) -> onnx.NodeProto:
@@ -711,16 +813,17 @@ def build_patch_graph(
     opset: int,
     ir_version: int,
     form: str,
-    screen: bool = True,
+    lookup: bool = False,
 ) -> onnx.ModelProto:
-    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes).
-    ``screen=False`` builds it without step 3 of :func:`gate_nodes` (the same outputs, as
-    ``PatchedModel(screen=False)`` composes them): not the canonical graph, so a device refuses it in a file."""
+    """The canonical patch graph for these parameters (deterministic: same inputs, same bytes): the
+    product form of :func:`gate_nodes`, its sign table stored as bits. ``lookup=True`` builds the lookup
+    form a device composes instead (the same outputs): not the canonical graph, so a device refuses it
+    in a file."""
     if opset < MIN_OPSET:
         raise ValueError(f"patch graphs need opset >= {MIN_OPSET}, the base has {opset}")
     group = GateGroup(tuple(gated), params.signs, params.gamma, params.scale_log2)
     _check_sizes([group])
-    nodes, inits, gate, k = gate_nodes(PREFIX, [group], opset, packed=True, screen=screen)
+    nodes, inits, gate, k = gate_nodes(PREFIX, [group], opset, packed=not lookup, screen=lookup)
     more_nodes, more_inits = correction_nodes(PREFIX, gate, k, logits_name, params.T, params.t, form, OUTPUT_NAME)
     c = params.n_classes
     inputs = [helper.make_tensor_value_info(g.name, TensorProto.FLOAT, [BATCH_DIM, *g.shape]) for g in gated]

@@ -58,7 +58,7 @@ def test_bench_small_run(tmp_path, mlp_base, monkeypatch):
     assert rows == {(3, 1, "collapse", "default"), (3, 256, "collapse", "default"), (3, 256, "collapse", 1),
                     (chain["records"], 256, "chain of 10 collapse", "default"),
                     (2, 1, "prune", "default"), (2, 256, "prune", "default"),
-                    (2, 1, "prune unscreened", "default"), (2, 256, "prune unscreened", "default")}
+                    (2, 1, "prune product form", "default"), (2, 256, "prune product form", "default")}
     assert all(l["base_ms"] > 0 and l["patched_ms"] > 0 for l in r["latency"])
     assert r["goals"]["prune_speedup"] == 1.0 and r["goals"]["dual_vs_exact"] == 8.0
     table = format_table(r)

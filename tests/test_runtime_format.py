@@ -196,7 +196,7 @@ def test_manifest_round_trip(mode, alpha_value, form):
     assert reparsed.signed_bytes() == manifest.signed_bytes() == canonical_bytes(doc)
     assert json.loads(manifest.signed_bytes()) == doc
     # v3 fields: the gate step, the chain, the derived id, the widest gate; v4: a root per request, no beta.
-    assert doc["format_version"] == FORMAT_VERSION == 7
+    assert doc["format_version"] == FORMAT_VERSION == 8
     assert all(set(r) == {"target", "gamma", "alpha", "mean_scale", "lower", "upper", "points"} for r in doc["records"])
     assert doc["gate"] == {"step_log2": STEP_LOG2} and again.gate_step_log2 == STEP_LOG2
     assert doc["chain"] == {"position": 0, "after": [], "replaces": []}
@@ -812,12 +812,26 @@ def reference_selection(z: np.ndarray, params: PatchParams) -> np.ndarray:
     return (v[:, None, a] * params.signs[None, :, a].astype(np.int64)).sum(axis=2)
 
 
+def reference_match(z: np.ndarray, params: PatchParams) -> tuple[np.ndarray, np.ndarray]:
+    """((N,) int64 k, (N,) bool has): the first record whose signs on the selection values A are the
+    input's (the sign of v, i.e. [z / delta >= 0]), written out as a search over the records; k = 0 where none."""
+    v = quantize(np.asarray(z, np.float32), params.scale_log2)
+    a = selection_neurons(params.signs)
+    equal = ((v[:, None, a] > 0) == (params.signs[None, :, a] > 0)).all(axis=2)  # (N, P)
+    has = equal.any(axis=1)
+    return np.where(has, equal.argmax(axis=1), 0), has
+
+
 def reference_patch(z: np.ndarray, f: np.ndarray, params: PatchParams):
-    """(out float64, gate, k*, pre): one record acts, ``out = f + g (T_k* f + t_k*)`` with k* the first
-    maximal selection score and g = clip(pre[k*], 0, 1), its own gate."""
+    """(out float64, gate, k*, pre) of format 8: one record acts, ``out = f + g (T_k* f + t_k*)`` with k*
+    the first record whose signs on A are the input's and g = clip(pre[k*], 0, 1), its own gate; g = 0
+    where no record has the input's signs on A. k* here is the product form's: the first maximal
+    selection score, which is the matched record wherever there is one (checked)."""
     pre, _ = reference_pre(z, params)
     k = reference_selection(z, params).argmax(axis=1)
-    g = np.clip(pre[np.arange(len(pre)), k], 0.0, 1.0)
+    k_match, has = reference_match(z, params)
+    np.testing.assert_array_equal(k[has], k_match[has])
+    g = np.where(has, np.clip(pre[np.arange(len(pre)), k], 0.0, 1.0), np.float32(0.0)).astype(np.float32)
     f64 = f.astype(np.float64)
     corr = np.einsum("ncd,nd->nc", params.T[k].astype(np.float64), f64) + params.t[k].astype(np.float64)
     return f64 + g[:, None].astype(np.float64) * corr, g, k, pre
@@ -1025,7 +1039,9 @@ def test_block_argmax_is_the_first_max_across_blocks(opset):
     sel = reference_selection(z, params)
     top = sel == sel.max(axis=1, keepdims=True)
     blocks_at_max = np.array([len(np.unique(np.flatnonzero(row) // SELECT_BLOCK)) for row in top])
-    assert (blocks_at_max >= 2).sum() > 100 and ((blocks_at_max >= 2) & (g > 0)).sum() > 20  # the hard cases occur
+    # the hard cases occur (ties between distinct patterns fall short of |v_A|_1, so their gate is 0 in
+    # format 8, but k is still the product form's first maximum)
+    assert (blocks_at_max >= 2).sum() > 100
     assert (g == 1).sum() >= 200 and ((g > 0) & (g < 1)).any()
     np.testing.assert_array_equal(k_dev, k)
     np.testing.assert_array_equal(gate[:, 0], g)
@@ -1197,24 +1213,30 @@ def test_integer_arithmetic_is_exact_at_extreme_codes():
 
     gammas = (np.full(9, 1e-6, np.float32), np.full(p - 9, 2e-6, np.float32))
     groups = [GateGroup(gated, signs[:9], gammas[0], STEP_LOG2), GateGroup(gated, signs[9:], gammas[1], STEP_LOG2 - 1)]
-    nodes, inits, gate_name, k_name = gate_nodes(PREFIX, groups, OPSET)
-    outs = [PREFIX + "g0_sel", PREFIX + "g1_sel", gate_name, k_name]
-    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("wide", onnx.TensorProto.FLOAT, ["N", m])],
-                                   [onnx.helper.make_empty_tensor_value_info(o) for o in outs], inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR)
-    s0, s1, gate, k = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"wide": z})
+    runs = {}
+    for lookup in (False, True):  # the product form (scores tapped), then the lookup a device composes
+        nodes, inits, gate_name, k_name = gate_nodes(PREFIX, groups, OPSET, screen=lookup)
+        outs = [gate_name, k_name] + ([] if lookup else [PREFIX + "g0_sel", PREFIX + "g1_sel"])
+        graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("wide", onnx.TensorProto.FLOAT, ["N", m])],
+                                       [onnx.helper.make_empty_tensor_value_info(o) for o in outs], inits)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR)
+        runs[lookup] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"wide": z})
+    (gate, k, s0, s1), (gate_l, k_l) = runs[False], runs[True]
     picks, gates = [], []
     for gi, (rows_g, scale, gam) in enumerate(((signs[:9], STEP_LOG2, gammas[0]), (signs[9:], STEP_LOG2 - 1, gammas[1]))):
         ref = PatchParams(rows_g, gam, np.zeros((len(rows_g), C, C)), np.ones((len(rows_g), C)), scale)
         sel_g = reference_selection(z, ref)
         np.testing.assert_array_equal((s0, s1)[gi][:, : len(rows_g)], sel_g)
         kg = sel_g.argmax(axis=1)
+        has = sel_g.max(axis=1) == np.abs(quantize(z, scale)[:, selection_neurons(rows_g)]).sum(axis=1)
+        np.testing.assert_array_equal(has, reference_match(z, ref)[1])
         picks.append(kg + (0, 9)[gi])
-        gates.append(np.clip(reference_pre(z, ref)[0][np.arange(len(z)), kg], 0, 1))
+        gates.append(np.where(has, np.clip(reference_pre(z, ref)[0][np.arange(len(z)), kg], 0, 1), np.float32(0)))
     first = np.stack(gates, axis=1).argmax(axis=1)
     np.testing.assert_array_equal(k, np.stack(picks, axis=1)[np.arange(len(z)), first])
     np.testing.assert_array_equal(gate[:, 0], np.maximum(*gates))
-    assert (gate == 1).sum() >= 8 and len(np.unique(first)) == 2
+    assert gate_l.tobytes() == gate.tobytes() and (k_l[gate[:, 0] > 0] == k[gate[:, 0] > 0]).all()
+    assert (gate == 1).sum() >= 8 and len(np.unique(first[gate[:, 0] > 0])) == 2
 
 
 def test_gate_reads_every_negative_as_inactive():
@@ -1277,9 +1299,14 @@ def test_gate_is_exactly_one_on_the_region(canonical):
             expect = np.float32(1) - p.gamma[k] * np.float32(p.delta / 2)
             assert (pre[:, k] == expect).all() and (pre[:, k] < 1).all()
             assert ((k_dev != k) | (gate < 1)).all()
-            # where k still acts, its gate is the partial one; where another record acts (run() checked its
-            # gate is its own), the gate is 1 only on that record's own region
-            assert (gate[k_dev == k] == np.clip(expect, 0, 1)).all()
+            # a flip outside A leaves k acting with its partial gate; a flip inside A leaves k's signs on A,
+            # so k no longer acts, and no record at all where none has the flipped signs on A (gate 0); where
+            # another record acts (run() checked its gate is its own), the gate is 1 only on its own region
+            _, has = reference_match(flipped, p)
+            outside = ~np.isin(cols, selection_neurons(p.signs))
+            assert outside.any() and (~outside).any()
+            assert has[outside].all() and (k_dev[outside] == k).all() and (gate[outside] == np.clip(expect, 0, 1)).all()
+            assert (gate[~has] == 0).all()
             assert ((gate < 1) | (sign_pattern(flipped) == p.signs[k_dev]).all(axis=1)).all()
 
 
@@ -1364,10 +1391,12 @@ def test_only_the_selected_record_acts(form):
 
 
 def test_ties_go_to_the_first_record():
-    """Two records exactly as selected (equal selection scores) and as open (same gamma, same excess): the
-    first acts, whichever it is. s1 and s2 flip s0 at coordinates 2 and 7, which are the selection values
-    of the three patterns; an input with s0's signs flipped at both, by the same |v|, scores 0 against s1
-    and s2 (and -2|v| against s0) and disagrees with each of s1, s2 in one coordinate."""
+    """Two records with the same pattern (what a device may run: :mod:`.interference` only demands they
+    share a target), different gates and tables: on their region and beside it (a violation outside A) the
+    first of them acts, whichever it is, in both forms. And an equal best score between different patterns
+    acts on neither: s1 and s2 flip s0 at coordinates 2 and 7, the selection values of the three patterns;
+    an input with s0's signs flipped at both scores 0 against s1 and s2, short of |v_A|_1, so no record
+    has its signs on A: gate 0, the base logits bit for bit."""
     rng = np.random.default_rng(31)
     s0 = rng.choice(np.array([-1, 1], np.int8), size=M)
     s1, s2 = s0.copy(), s0.copy()
@@ -1378,20 +1407,30 @@ def test_ties_go_to_the_first_record():
     z = z[None]
     f = (rng.normal(size=(1, C)) * 5).astype(np.float32)
     T, t = rng.normal(size=(3, C, C)), rng.normal(size=(3, C)) * 3
+    params = PatchParams(np.stack([s1, s2, s0]), [0.5, 0.5, 0.5], T, t, STEP_LOG2)
+    assert reference_selection(z, params)[0].tolist() == [0, 0, -2 * 5]  # |v| = 5 at 2 delta, |v_A|_1 = 10
+    for model in (build_patch_graph(GATED, LOGITS, params, OPSET, IR, "affine"), lookup_twin(params, "affine", GATED)):
+        out, gate = session(model, GATE).run(None, feeds(z, f))
+        assert gate[0, 0] == 0 and out.tobytes() == f.tobytes()
+    # duplicates of s1: on its region (gate 1) and with one violation outside A (the same partial gate for
+    # gamma 0.5 and 1.0 would differ: gammas differ, so which record acts shows in the gate and the output)
+    on = s1.astype(np.float32) * np.float32(2 * DELTA)
+    beside = on.copy()
+    j = next(i for i in range(M) if i not in (2, 7))
+    beside[j] = -beside[j]
+    zz = np.stack([on, beside])
+    ff = (rng.normal(size=(2, C)) * 5).astype(np.float32)
     outs = []
     for order in ([0, 1, 2], [1, 0, 2]):
-        signs = np.stack([s1, s2, s0])[order]
-        params = PatchParams(signs, [0.5, 0.5, 0.5], T, t, STEP_LOG2)
-        assert reference_selection(z, params)[0].tolist() == [0, 0, -2 * 5]  # |v| = 5 at 2 delta
-        out, gate, k, pre = run(params, z, f)
-        assert pre[0, 0] == pre[0, 1] and 0 < pre[0, 0] < 1
-        assert k[0] == 0 and gate[0] == pre[0, 0]
-        np.testing.assert_allclose(out, reference_patch(z, f, params)[0], rtol=0, atol=1e-4)
+        dup = PatchParams(np.stack([s1, s1, s0]), np.array([0.5, 1.0, 0.5])[order], T[order], t[order], STEP_LOG2)
+        ref, g, k, _ = reference_patch(zz, ff, dup)
+        assert k.tolist() == [0, 0] and g[0] == 1 and 0 < g[1] < 1
+        for model in (build_patch_graph(GATED, LOGITS, dup, OPSET, IR, "affine"), lookup_twin(dup, "affine", GATED)):
+            out, gate, k_dev = session(model, GATE, K).run(None, feeds(zz, ff))
+            assert k_dev.tolist() == [0, 0] and gate[:, 0].tolist() == g.tolist()
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
         outs.append(out)
-    # the same tables in both orders: record 0 acts each time, so the outputs are the same
-    np.testing.assert_array_equal(outs[0], outs[1])
-    swapped = PatchParams(np.stack([s2, s1, s0]), [0.5, 0.5, 0.5], T[[1, 0, 2]], t[[1, 0, 2]], STEP_LOG2)
-    assert not np.allclose(run(swapped, z, f)[0], outs[0], atol=1e-3)  # a different first record, another correction
+    assert not np.allclose(outs[0], outs[1], atol=1e-3)  # another first record, another correction
 
 
 def test_selection_values_separate_every_distinct_pattern():
@@ -1426,15 +1465,15 @@ def test_selection_values_separate_every_distinct_pattern():
 # 80 + 176 = 256 gated values: the first stage reads a window of 96 of them, across both tensors.
 WIDE = (GatedTensor("wide_a", (5, 4, 4)), GatedTensor("wide_b", (176,)))
 M_WIDE = sum(g.size for g in WIDE)
-# the window's bound of the gate before its clip, 1 + neg_w excess_W (N, 1); the full -excess/2 computed (1, n, 1)
-BOUND, CAND_NEX = PREFIX + "g0_gpre_w", PREFIX + "g0_nex_c"
+# the looked-up record + 1 (N,) (0: none), and the matched inputs' -excess/2 (1, n, 1)
+HIT, CAND_NEX = PREFIX + "g0_hit", PREFIX + "g0_nex_c"
 
 
-def unscreened_twin(params: PatchParams, form: str) -> onnx.ModelProto:
-    """The graph of ``params`` with the same selection values but without the screening stage: every input's
-    gate computed on all M values (what ``PatchedModel(screen=False)`` composes)."""
-    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form, screen=False)
-    assert "NonZero" not in [n.op_type for n in model.graph.node]
+def lookup_twin(params: PatchParams, form: str, gated: tuple[GatedTensor, ...] = WIDE) -> onnx.ModelProto:
+    """The graph of ``params`` in the lookup form a device composes (``PatchedModel`` by default)."""
+    model = build_patch_graph(gated, LOGITS, params, OPSET, IR, form, lookup=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert "NonZero" in ops and "MatMulInteger" not in ops and "ArgMax" not in ops
     return model
 
 
@@ -1443,128 +1482,181 @@ def codes_to_z(v: np.ndarray) -> np.ndarray:
     return (DELTA * (np.asarray(v, np.float64) - 1) / 2).astype(np.float32)
 
 
-def screening_inputs(params: PatchParams, rng: np.random.Generator) -> np.ndarray:
-    """Inputs where screening could go wrong: inside every region (gate 1); violations only outside the
-    window (bound 1, exact gate partial or 0); violations inside it; and, per record, one window violation
-    of every odd size around where its gate closes (the bound's clip is exactly 0 on one side, just open on
-    the other), with and without more violation outside; then noise near every boundary and anywhere."""
-    start, width = screen_window(params.signs)
-    inside_w = np.arange(start, start + width)
-    outside_w = np.setdiff1d(np.arange(M_WIDE), inside_w)
+def gate_inputs(params: PatchParams, rng: np.random.Generator) -> np.ndarray:
+    """Inputs where the lookup could part from the product: inside every region (gate 1); violations
+    only outside the selection values A (the record is found, its gate partial or 0); one inside A (no
+    record, or another one with those signs on A); per record, violations outside A of every odd size
+    around where its gate closes (1 + neg_w excess exactly 0 on one side, just open on the other), and the
+    same with one more violation inside A; signs at 0, -0 and the smallest negatives; then noise near every
+    boundary and anywhere."""
+    a = selection_neurons(params.signs)
+    rest = np.setdiff1d(np.arange(params.signs.shape[1]), a)
+    m = params.signs.shape[1]
     rows = []
     for k in range(params.n_records):
         s = params.signs[k].astype(np.int64)
-        v = s * (2 * rng.integers(0, 6, size=(12, M_WIDE)) + 1)  # odd codes with k's signs: inside k's region
+        v = s * (2 * rng.integers(0, 6, size=(12, m)) + 1)  # odd codes with k's signs: inside k's region
         rows.append(v.copy())
         out = v.copy()
-        j = rng.choice(outside_w, size=12)
+        j = rng.choice(rest, size=12)
         out[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
         rows.append(out)
-        inw = v.copy()
-        j = rng.choice(inside_w, size=12)
-        inw[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
-        rows.append(inw)
-        # two window violations, |v| = m and 1: excess 2(m + 1); the gate closes where 1 + neg_w 2(m + 1) <= 0,
-        # at m + 1 = 16 / gamma exactly for gamma 0.5, 1 and 2 (a bound of exactly 0)
+        ina = v.copy()
+        j = rng.choice(a, size=12)
+        ina[np.arange(12), j] = -s[j] * (2 * rng.integers(0, 20, size=12) + 1)
+        rows.append(ina)
+        # two violations outside A, |v| = m and 1: excess 2(m + 1); the gate closes where 1 + neg_w 2(m + 1) <= 0,
+        # at m + 1 = 16 / gamma exactly for gamma 0.5, 1 and 2 (a gate of exactly 0)
         closes = int(np.ceil(1.0 / (2 * params.gamma[k] * DELTA / 4)))
         ms = np.arange(max(1, closes - 7), min(127, closes + 6)) | 1
         edge = np.repeat(s[None] * 3, len(ms), axis=0)
-        i, i2 = inside_w[k % width], inside_w[(k + 1) % width]
+        i, i2 = rest[k % len(rest)], rest[(k + 1) % len(rest)]
         edge[:, i], edge[:, i2] = -s[i] * ms, -s[i2]
         more = edge.copy()
-        o = outside_w[k % len(outside_w)]
+        o = a[k % len(a)]
         more[:, o] = -s[o]
         rows += [edge, more]
     z = codes_to_z(np.concatenate(rows))
-    noise = [rng.normal(scale=DELTA, size=(200, M_WIDE)), rng.normal(scale=1.5, size=(100, M_WIDE))]
-    return np.concatenate([z, *noise]).astype(np.float32)
+    signed = np.repeat(params.signs[:8].astype(np.float32), 4, axis=0) * np.float32(DELTA)
+    signed[0::4][params.signs[:8] > 0] = 0.0
+    signed[1::4][params.signs[:8] > 0] = -0.0  # 0 and -0 read active, as the ReLU's z >= 0
+    signed[2::4][params.signs[:8] < 0] = -1.4e-45  # the smallest negative reads inactive
+    noise = [rng.normal(scale=DELTA, size=(200, m)), rng.normal(scale=1.5, size=(100, m))]
+    return np.concatenate([z, signed, *noise]).astype(np.float32)
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_screened_gate_is_the_unscreened_gate_bit_for_bit(form):
-    """Format 7 quantizes a window of the gated values for every input and all of them only where the
-    window's bound of the chosen record's gate is open. That bound must never close a gate the full
-    computation opens: searched on inputs at the bound's edge (one window violation of each size around
-    where each record's gate closes), violations outside the window only (the bound stays 1), inside it,
-    and noise. Every output, gate and acting record equals the unscreened graph's bit for bit and the
-    written-out reference's."""
+def test_lookup_gate_is_the_product_gate_bit_for_bit(form):
+    """A device finds the acting record by a trie over the signs on A and computes the exact gate only for
+    the inputs that have one; the patch file's graph scores every record and keeps the gate where the best
+    score is |v_A|_1. Searched where they could part: gates at their closing edge, violations outside A
+    only (record found, gate partial or 0), inside A (no record), signs at 0, -0 and -1.4e-45, and noise.
+    Every output and gate equals the product form's bit for bit and the written-out reference's, and the
+    acting record wherever a gate is open."""
     rng = np.random.default_rng(71)
     params = random_params(rng, p=40, m=M_WIDE)
     gamma = np.where(np.arange(40) % 2, params.gamma, np.resize([0.5, 1.0, 2.0], 40))  # powers of two: exact edges
     params = with_form(PatchParams(params.signs, gamma, params.T, params.t, params.scale_log2), form)
-    assert screen_window(params.signs) == (0, patchgraph.SCREEN_WIDTH) and patchgraph.SCREEN_WIDTH < M_WIDE
     model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, form)
-    onnx.checker.check_model(model, full_check=True)
-    assert [n.op_type for n in model.graph.node].count("NonZero") == 1
-    twin = unscreened_twin(params, form)
-    z = screening_inputs(params, rng)
+    twin = lookup_twin(params, form)
+    onnx.checker.check_model(twin, full_check=True)
+    z = gate_inputs(params, rng)
     f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
-    out, gate, k, bound, nex_c = session(model, GATE, K, BOUND, CAND_NEX).run(None, feeds(z, f, WIDE))
-    out_t, gate_t, k_t = session(twin, GATE, K).run(None, feeds(z, f, WIDE))
-    np.testing.assert_array_equal(k, k_t)
-    np.testing.assert_array_equal(gate, gate_t)
-    assert out.tobytes() == out_t.tobytes()
-    # the reference: k* the first maximal selection score, its own exact gate
-    _, g_ref, k_ref, _ = reference_patch(z, f, params)
-    np.testing.assert_array_equal(k, k_ref)
+    out, gate, k = session(model, GATE, K).run(None, feeds(z, f, WIDE))
+    out_t, gate_t, k_t, hit, nex_c = session(twin, GATE, K, HIT, CAND_NEX).run(None, feeds(z, f, WIDE))
+    assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes()
+    open_ = gate[:, 0] > 0
+    np.testing.assert_array_equal(k_t[open_], k[open_])
+    # the reference: the first record with the input's signs on A, its own exact gate; none: gate 0, k 0
+    _, g_ref, _, _ = reference_patch(z, f, params)
+    k_ref, has = reference_match(z, params)
     np.testing.assert_array_equal(gate[:, 0], g_ref)
-    # the search reached every case: rows screened out, rows computed whose bound was open but gate
-    # closed or partial, gates fully open, and bounds exactly 0 next to bounds barely open
-    open_bound = bound[:, 0] > 0
-    assert nex_c.shape == (1, open_bound.sum(), 1) and 0 < open_bound.sum() < len(z)
-    assert (open_bound & (gate[:, 0] == 0)).sum() > 20 and ((gate > 0) & (gate < 1)).sum() > 20 and (gate == 1).sum() > 100
-    assert (bound[:, 0] == 0).sum() > 10 and (bound[:, 0] < 0).sum() > 100 and ((bound[:, 0] > 0) & (bound[:, 0] < 0.05)).sum() > 10
-    assert (np.clip(bound, 0, 1) >= gate).all()
-    # Across patches: a device composes records of other steps into further groups, each screened on its own
-    # window; the most open group's record acts (first group on ties). Two groups, the same inputs.
+    np.testing.assert_array_equal(hit, np.where(has, k_ref + 1, 0))
+    np.testing.assert_array_equal(k_t, k_ref)
+    # the search reached every case: inputs without a record, with one whose gate is closed (exactly 0 at
+    # the edge too), partial, or fully open; the exact gate computed for the matched inputs only
+    assert nex_c.shape == (1, has.sum(), 1) and 100 < (~has).sum() < len(z)
+    assert (has & (gate[:, 0] == 0)).sum() > 20 and ((gate > 0) & (gate < 1)).sum() > 20 and (gate == 1).sum() > 100
+    pre, _ = reference_pre(z, params)
+    edge = pre[np.arange(len(z)), k_ref]
+    assert (has & (edge == 0)).sum() > 10 and (has & (edge > 0) & (edge < 0.05)).sum() > 10
+    # Across patches: a device composes records of other steps into further groups, each with its own trie;
+    # the most open group's record acts (first group on ties). Two groups, the same inputs.
     from prune_edge.runtime.patchgraph import GateGroup, gate_nodes
 
     half = params.n_records // 2
     groups = [GateGroup(WIDE, params.signs[:half], params.gamma[:half], STEP_LOG2),
               GateGroup(WIDE, params.signs[half:], params.gamma[half:], STEP_LOG2 - 1)]
-    taps = [PREFIX + "gate_max", PREFIX + "k", PREFIX + "g0_gpre_w", PREFIX + "g1_gpre_w"]
     runs = {}
-    for screen in (True, False):
-        nodes, inits, _, _ = gate_nodes(PREFIX, groups, OPSET, screen=screen)
+    for lookup in (True, False):
+        nodes, inits, _, _ = gate_nodes(PREFIX, groups, OPSET, screen=lookup)
         inputs = [onnx.helper.make_tensor_value_info(g.name, onnx.TensorProto.FLOAT, ["N", *g.shape]) for g in WIDE]
-        outs = taps if screen else taps[:2]
+        outs = [PREFIX + "gate_max", PREFIX + "k"]
         graph = onnx.helper.make_graph(nodes, "g", inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in outs], inits)
         m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR)
-        feed = {k: v for k, v in feeds(z, f, WIDE).items() if k != LOGITS}
-        runs[screen] = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feed)
-    (gate2, k2, b0, b1), (gate2_t, k2_t) = runs[True], runs[False]
-    assert gate2.tobytes() == gate2_t.tobytes() and k2.tobytes() == k2_t.tobytes()
+        feed = {key: v for key, v in feeds(z, f, WIDE).items() if key != LOGITS}
+        runs[lookup] = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feed)
+    (gate2, k2), (gate2_p, k2_p) = runs[True], runs[False]
+    assert gate2.tobytes() == gate2_p.tobytes()
+    np.testing.assert_array_equal(k2[gate2[:, 0] > 0], k2_p[gate2[:, 0] > 0])
     gates, picks = [], []
     for gi, (lo, hi, scale) in enumerate(((0, half, STEP_LOG2), (half, params.n_records, STEP_LOG2 - 1))):
         ref = PatchParams(params.signs[lo:hi], params.gamma[lo:hi], params.T[lo:hi], params.t[lo:hi], scale)
         pre_g, _ = reference_pre(z, ref)
-        kg = reference_selection(z, ref).argmax(axis=1)
-        gates.append(np.clip(pre_g[np.arange(len(z)), kg], 0, 1))
+        kg, has_g = reference_match(z, ref)
+        gates.append(np.where(has_g, np.clip(pre_g[np.arange(len(z)), kg], 0, 1), np.float32(0)))
         picks.append(kg + lo)
     first = np.stack(gates, axis=1).argmax(axis=1)
     np.testing.assert_array_equal(gate2[:, 0], np.maximum(*gates))
     np.testing.assert_array_equal(k2, np.stack(picks, axis=1)[np.arange(len(z)), first])
-    for b in (b0, b1):  # each group screened some inputs out and left others open
-        assert (b[:, 0] <= 0).sum() > 100 and (b[:, 0] > 0).sum() > 100
+    assert all((g > 0).sum() > 50 for g in gates)
 
 
-def test_screened_gate_with_no_some_or_every_input_open():
-    """The dynamic part of the screened graph (NonZero, Gather of open rows, ScatterND) on batches where
-    no input, every input, or a single input has an open bound, and on an empty batch."""
+def test_lookup_with_no_some_or_every_input_matched():
+    """The dynamic part of the lookup form (NonZero, Gather of matched rows, ScatterND) on batches where
+    no input, every input, or a single input has a record, and on an empty batch."""
     rng = np.random.default_rng(72)
     params = with_form(random_params(rng, p=40, m=M_WIDE), "affine")
-    model = build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine")
-    sess, twin = session(model, GATE, K, CAND_NEX), session(unscreened_twin(params, "affine"), GATE, K)
-    far = rng.normal(scale=3.0, size=(50, M_WIDE)).astype(np.float32)  # violations everywhere: every bound 0
-    inside = codes_to_z(params.signs[rng.integers(0, 40, size=50)].astype(np.int64) * 5)  # every bound 1
+    sess = session(lookup_twin(params, "affine"), GATE, K, CAND_NEX)
+    product = session(build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine"), GATE, K)
+    far = rng.normal(scale=3.0, size=(400, M_WIDE)).astype(np.float32)
+    far = far[~reference_match(far, params)[1]][:50]  # no record has their signs on A
+    assert len(far) == 50
+    inside = codes_to_z(params.signs[rng.integers(0, 40, size=50)].astype(np.int64) * 5)  # every gate 1
     one = np.concatenate([far[:20], inside[:1], far[20:]])
-    for z, n_open in ((far, 0), (inside, 50), (one, 1), (far[:0], 0)):
+    for z, n_hit in ((far, 0), (inside, 50), (one, 1), (far[:0], 0)):
         f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
         out, gate, k, nex_c = sess.run(None, feeds(z, f, WIDE))
-        out_t, gate_t, k_t = twin.run(None, feeds(z, f, WIDE))
-        assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes() and k.tobytes() == k_t.tobytes()
-        assert out.shape == (len(z), C) and gate.shape == (len(z), 1)
-        assert nex_c.shape == (1, n_open, 1)
+        out_p, gate_p, k_p = product.run(None, feeds(z, f, WIDE))
+        assert out.tobytes() == out_p.tobytes() and gate.tobytes() == gate_p.tobytes()
+        np.testing.assert_array_equal(k[gate[:, 0] > 0], k_p[gate[:, 0] > 0])
+        assert out.shape == (len(z), C) and gate.shape == (len(z), 1) and nex_c.shape == (1, n_hit, 1)
+        assert (gate == 1).sum() == (n_hit if z is not far else 0)
+
+
+def test_lookup_tables_find_the_first_record_with_the_signs():
+    """The trie, walked as the graph walks it (one chunk of LOOKUP_BITS signs per level), finds for every
+    record's signs on A the first record with them (duplicates included), and no record for every other
+    sign string tried: all 2^|A| of them where |A| is small, random ones and one-flip neighbours otherwise;
+    for |A| of 1, a multiple of LOOKUP_BITS and not, and 29 (500 random patterns)."""
+    from prune_edge.runtime.patchgraph import LOOKUP_BITS, lookup_tables
+
+    rng = np.random.default_rng(75)
+
+    def walk(tables, bits):
+        w = LOOKUP_BITS
+        chunks = np.rint(bits.astype(np.float32) @ tables.weights).astype(np.int64)  # as the MatMul computes them
+        index = chunks[:, 0] + (1 << w)
+        for level, table in enumerate(tables.levels):
+            out = table[index]
+            if level < len(tables.levels) - 1:
+                index = out + chunks[:, level + 1]
+        return out, tables.records[index]
+
+    for p, m in [(1, 11), (4, 11), (40, M_WIDE), (9, 5), (500, 384)]:
+        params = random_params(rng, p=p, m=m)
+        signs = np.concatenate([params.signs, params.signs[: max(1, p // 4)]])[rng.permutation(p + max(1, p // 4))]
+        a = selection_neurons(signs)
+        tables = lookup_tables(signs, a)
+        assert len(tables.levels) == -(-len(a) // LOOKUP_BITS)
+        assert tables.size <= (p + 2) * (1 << LOOKUP_BITS) * (len(tables.levels) + 1)  # linear in the records
+        rec_bits = signs[:, a] > 0
+        first = np.array([np.flatnonzero((rec_bits == row).all(axis=1))[0] for row in rec_bits])
+        hit, k = walk(tables, rec_bits)
+        np.testing.assert_array_equal(hit, first + 1)
+        np.testing.assert_array_equal(k, first)
+        if len(a) <= 12:
+            trial = ((np.arange(2 ** len(a))[:, None] >> np.arange(len(a))) & 1).astype(bool)
+        else:
+            flips = np.repeat(rec_bits, 3, axis=0)
+            flips[np.arange(len(flips)), rng.integers(0, len(a), size=len(flips))] ^= True
+            trial = np.concatenate([flips, rng.integers(0, 2, size=(2000, len(a))).astype(bool)])
+        known = {row.tobytes(): i for i, row in reversed(list(enumerate(rec_bits)))}
+        want = np.array([known.get(row.tobytes(), -1) for row in trial])
+        hit, k = walk(tables, trial)
+        np.testing.assert_array_equal(hit, want + 1)
+        np.testing.assert_array_equal(k, np.maximum(want, 0))
+        assert (want < 0).any() or len(known) == 2 ** len(a)
 
 
 def test_screen_window():
@@ -1671,14 +1763,15 @@ def test_cheap_forms_are_exact():
     assert form_of(PatchParams(np.ones((4, M), np.int8), np.ones(4), T, np.zeros((4, C)))) == "affine"
 
 
-# sha256 of the canonical graphs of fixed parameters, as format 6 writes them (measured on the code that
-# introduced format 6: format 4's bit-packed signs; the record selected by a product over its selection
-# values, then its own gate). A device re-builds this graph to check a file's structure, so any change
+# sha256 of the canonical graphs of fixed parameters, as format 8 writes them (measured on the code that
+# introduced format 8: format 4's bit-packed signs; the record selected by a product over its selection
+# values, its own gate, kept where the best score is |v_A|_1; formats 6 and 7 wrote the same graph without
+# that last step at this width). A device re-builds this graph to check a file's structure, so any change
 # here refuses every patch already shipped: it must come with a new format version, not silently.
 FORMAT_CANONICAL_SHA256 = {
-    "affine": "918e3a4622748891615df081d05cf6fa76c4afaeb13897a0f69c4ceff95853ee",
-    "shift": "f1e459d2ce7fcce54b144cd8fcd07fbe1a738ff71d2b75b484486ff23603e48e",
-    "collapse": "68165f26c0c2e2b35143530c5aa634e1066861b3d0f184ef766e219e69b88440",
+    "affine": "6de2eb4b648c4fc9dfc564dc6567b19ad5fd6d6bfe974fec44148b72fbfb6532",
+    "shift": "c6d3e10c74741c7f83f18b493aaa7b40eb994807f47c563e42b128a1d873611f",
+    "collapse": "88d73b091a7d87e5af20ec960a18dc6468406bc55ae438adcc0a620fd2503056",
 }
 
 

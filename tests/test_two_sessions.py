@@ -62,27 +62,25 @@ def test_export_sessions_refuses_a_tampered_patch(tmp_path, mlp_bundle, patches)
     assert not (tmp_path / "dev").exists()
 
 
-def test_composition_without_screening_gives_the_same_outputs(mlp_bundle, chain, forget_ids, second_ids):
-    """A device may compose without the gates' window screening (``screen=False``, for inputs that come one at
-    a time): on the chain's forget points, retained points and test images the logits, the acting record and
-    its gate are the screened model's bit for bit; only the screened graph has the data-dependent stage."""
-    from prune_edge.runtime.patchgraph import screen_window
-
+def test_composition_in_the_product_form_gives_the_same_outputs(mlp_bundle, chain, forget_ids, second_ids):
+    """A device may compose the patch file's product form instead of the lookup (``screen=False``, for inputs
+    that come one at a time): on the chain's forget points, retained points and test images the logits and
+    the gate are the lookup model's bit for bit, and the acting record wherever a gate is open; only the
+    lookup has the data-dependent stage, only the product form a product over every record."""
     base = str(mlp_bundle.onnx_path)
     patches = [str(chain["first"]), str(chain["second"])]
     screened = PatchedModel(base, patches)
     direct = PatchedModel(base, screened.patches, screen=False)
-    signs = np.concatenate([p.params.signs for p in screened.patches])
-    assert screen_window(signs)[1] < signs.shape[1]  # the default MLP's 384 gated values: screened
     ops = lambda m: [n.op_type for n in m.model.graph.node]  # noqa: E731
     assert ops(screened).count("NonZero") == 1 and "NonZero" not in ops(direct)
+    assert "MatMulInteger" not in ops(screened) and ops(direct).count("MatMulInteger") == 1
     ds = mlp_bundle.dataset
     x = np.concatenate([ds.x_train[forget_ids], ds.x_train[second_ids], ds.x_train[:500], ds.x_test[:500]])
     a, ca = screened.logits_and_coverage(x)
     b, cb = direct.logits_and_coverage(x)
     assert a.tobytes() == b.tobytes()
     np.testing.assert_array_equal(ca.gate, cb.gate)
-    np.testing.assert_array_equal(ca.record, cb.record)
+    np.testing.assert_array_equal(ca.record, cb.record)  # -1 where the gate is closed
     assert (ca.gate[: len(forget_ids) + len(second_ids)] == 1).all()
     for i in (0, len(forget_ids), len(x) - 1):  # one input at a time too
         assert screened.logits(x[i : i + 1]).tobytes() == direct.logits(x[i : i + 1]).tobytes() == a[i : i + 1].tobytes()
