@@ -1461,8 +1461,8 @@ def test_selection_values_separate_every_distinct_pattern():
     assert len(selection_neurons(tables[1])) == M  # every pattern of M values needs all M
 
 
-# ----------------------------------------------------------------------------- format 7: the screened gate
-# 80 + 176 = 256 gated values: the first stage reads a window of 96 of them, across both tensors.
+# ----------------------------------------------------------------------------- format 8: the lookup form
+# 80 + 176 = 256 gated values: the selection values lie in a window of 96 of them, across both tensors.
 WIDE = (GatedTensor("wide_a", (5, 4, 4)), GatedTensor("wide_b", (176,)))
 M_WIDE = sum(g.size for g in WIDE)
 # the looked-up record + 1 (N,) (0: none), and the matched inputs' -excess/2 (1, n, 1)
@@ -1592,13 +1592,43 @@ def test_lookup_gate_is_the_product_gate_bit_for_bit(form):
     assert all((g > 0).sum() > 50 for g in gates)
 
 
-def test_lookup_with_no_some_or_every_input_matched():
+def test_lookup_reads_signs_across_gated_tensors():
+    """Selection values in both gated tensors (a record that differs from another only at value 85, in the
+    second tensor): the lookup reads each tensor's span of A with its own Slice and MatMul and adds the chunk
+    codes; outputs and gates equal the product form's bit for bit on the inputs of the search above."""
+    rng = np.random.default_rng(76)
+    base = random_params(rng, p=30, m=M_WIDE)
+    twin_row = base.signs[:1].copy()
+    twin_row[0, 85] *= -1
+    signs = np.concatenate([base.signs, twin_row])
+    params = PatchParams(signs, np.resize([0.5, 1.0, 2.0], 31), rng.normal(size=(31, C, C)), rng.normal(size=(31, C)) * 3,
+                         STEP_LOG2)
+    a = selection_neurons(signs)
+    assert 85 in a and (a < 80).any()
+    lookup = lookup_twin(params, "affine")
+    assert [n.op_type for n in lookup.graph.node].count("MatMul") == 3  # one per tensor, and T_k f
+    z = gate_inputs(params, rng)
+    f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
+    out, gate, k = session(build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine"), GATE, K).run(None, feeds(z, f, WIDE))
+    out_t, gate_t, k_t = session(lookup, GATE, K).run(None, feeds(z, f, WIDE))
+    assert out.tobytes() == out_t.tobytes() and gate.tobytes() == gate_t.tobytes()
+    np.testing.assert_array_equal(k_t[gate[:, 0] > 0], k[gate[:, 0] > 0])
+    _, g_ref, _, _ = reference_patch(z, f, params)
+    np.testing.assert_array_equal(gate[:, 0], g_ref)
+    assert (gate == 1).sum() > 100 and ((gate > 0) & (gate < 1)).sum() > 20 and (k_t[gate[:, 0] == 1] == 30).sum() >= 12
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, OPSET])  # Split and ReduceL1 take other arguments from opset 18
+def test_lookup_with_no_some_or_every_input_matched(opset):
     """The dynamic part of the lookup form (NonZero, Gather of matched rows, ScatterND) on batches where
     no input, every input, or a single input has a record, and on an empty batch."""
     rng = np.random.default_rng(72)
     params = with_form(random_params(rng, p=40, m=M_WIDE), "affine")
-    sess = session(lookup_twin(params, "affine"), GATE, K, CAND_NEX)
-    product = session(build_patch_graph(WIDE, LOGITS, params, OPSET, IR, "affine"), GATE, K)
+    lookup = build_patch_graph(WIDE, LOGITS, params, opset, IR, "affine", lookup=True)
+    assert "NonZero" in [n.op_type for n in lookup.graph.node]
+    onnx.checker.check_model(lookup, full_check=True)
+    sess = session(lookup, GATE, K, CAND_NEX)
+    product = session(build_patch_graph(WIDE, LOGITS, params, opset, IR, "affine"), GATE, K)
     far = rng.normal(scale=3.0, size=(400, M_WIDE)).astype(np.float32)
     far = far[~reference_match(far, params)[1]][:50]  # no record has their signs on A
     assert len(far) == 50
