@@ -466,12 +466,15 @@ def _pre_nodes(prefix: str, p: str, nex: str, sfx: str = "") -> list[onnx.NodePr
     ]
 
 
-def _own_gate_nodes(prefix: str, p: str, vd: str, gate: str) -> list[onnx.NodeProto]:
-    """Stage 2 on every gated value: the gate ``gate`` (N, 1) of the record ``p + "k"`` alone."""
+def _own_gate_nodes(prefix: str, p: str, vd: str, k: str, pos_w: str, k_pw: str, axis: str, sfx: str, gate: str
+                    ) -> list[onnx.NodeProto]:
+    """The gate ``gate`` of the records ``k`` alone on the dequantized values ``vd``: -excess/2 summed over
+    ``axis``, times -2 neg_w gathered from ``pos_w`` by ``k_pw`` (shaped like that sum), plus 1, clipped.
+    Both forms of :func:`gate_nodes` use it, so their gates are the same float32 operations in the same order."""
     return [
-        *_excess_nodes(prefix, p, p + "rows", p + "k", vd, prefix + "axis1"),
-        helper.make_node("Gather", [p + "pos_w", p + "k1"], [p + "pw"], axis=0, name=p + "pw"),
-        *_pre_nodes(prefix, p, p + "nex"),
+        *_excess_nodes(prefix, p, p + "rows", k, vd, axis, sfx),
+        helper.make_node("Gather", [pos_w, k_pw], [p + "pw"], axis=0, name=p + "pw"),
+        *_pre_nodes(prefix, p, p + "nex" + sfx),
         helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [gate], name=gate),
     ]
 
@@ -601,10 +604,7 @@ def _matched_gate_nodes(prefix: str, p: str, flat: list[str], gate: str) -> list
         *[helper.make_node("Gather", [z, p + "nz"], [name], axis=0, name=name) for z, name in zip(flat, gathered)],
         *c_nodes,
         *q_nodes,
-        *_excess_nodes(prefix, p, p + "rows", p + "kc", vd_c, prefix + "axis2", "_c"),
-        helper.make_node("Gather", [p + "pos_w1", p + "kc"], [p + "pw"], axis=0, name=p + "pw"),  # (1, n, 1)
-        *_pre_nodes(prefix, p, p + "nex_c"),
-        helper.make_node("Clip", [p + "gpre", prefix + "zero", prefix + "one"], [p + "gate_c"], name=p + "gate_c"),
+        *_own_gate_nodes(prefix, p, vd_c, p + "kc", p + "pos_w1", p + "kc", prefix + "axis2", "_c", p + "gate_c"),  # (1, n, 1)
         helper.make_node("Shape", [p + "k1"], [p + "nshape"], name=p + "nshape"),
         helper.make_node("ConstantOfShape", [p + "nshape"], [p + "closed"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
                          name=p + "closed"),
@@ -698,7 +698,7 @@ def gate_nodes(prefix: str, groups: Sequence[GateGroup], opset: int, packed: boo
             s_nodes, s_inits = _selection_nodes(prefix, p, va, p + "select", n_rec + pad, opset)
             nodes += c_nodes + q_nodes + s_nodes
             nodes.append(helper.make_node("Squeeze", [p + "k1", prefix + "axis1"], [p + "k"], name=p + "k"))
-            nodes += _own_gate_nodes(prefix, p, vd, p + "gate_any")
+            nodes += _own_gate_nodes(prefix, p, vd, p + "k", p + "pos_w", p + "k1", prefix + "axis1", "", p + "gate_any")
             nodes += _match_nodes(prefix, p, (n_rec + pad) // SELECT_BLOCK, opset)
             nodes.append(helper.make_node("Where", [p + "match", p + "gate_any", prefix + "zero"], [gate], name=gate))
             inits += s_inits

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper
+from onnx import helper, numpy_helper
 
 pytest.importorskip("torch")
 
@@ -45,6 +45,7 @@ from prune_edge.runtime.patchgraph import (  # noqa: E402
     extract_params,
     form_of,
     quantize,
+    selection_neurons,
     sign_pattern,
 )
 from prune_edge.runtime.verify import VerifiedPatch  # noqa: E402
@@ -237,7 +238,13 @@ def test_wide_gate_refused_by_policy_then_by_probe(base, honest, tmp_path, probe
     n = len(mlp_bundle.dataset.x_test)
     assert re.search(rf"patch set refused \(probe\): gates open on \d+ of {n} probe inputs", line), line
     model = PatchedModel(base.path, [path], base=base, policy=wide)
-    assert model.coverage(mlp_bundle.dataset.x_test).covered.mean() > 0.2
+    covered = model.coverage(mlp_bundle.dataset.x_test).covered
+    # exactly the inputs whose signs on the selection values are some record's (format 8: nowhere else)
+    z = gated_values(base, mlp_bundle.dataset.x_test)[:, -m.gated_size:]
+    a = selection_neurons(p.signs)
+    matched = ((z[:, None, a] >= 0) == (p.signs[None, :, a] > 0)).all(axis=2).any(axis=1)
+    np.testing.assert_array_equal(covered, matched)
+    assert covered.mean() > 0.2
     with pytest.raises(ProbeError, match=r"the device allows at most 1\.0%") as info:
         model.probe(mlp_bundle.dataset.x_test, 0.01)
     assert info.value.check == "probe"
@@ -454,6 +461,41 @@ def test_match_condition_inverted_refused(base, patches, mlp_bundle, forget_ids,
         assert changed.mean() > 0.5, "gate 1 wherever no record has the input's signs on A (two thirds of them here)"
         path = forge_graph(tmp_path / f"inverted-match-{mode}.pepatch", m, evil)
         assert_refused(base, [path], "structure", "not the canonical gated-affine graph")
+
+
+def test_lookup_form_in_a_file_refused(base, patches, mlp_bundle, tmp_path):
+    """The device's own lookup form (a trie of the records' signs) is not what a file may carry: a device
+    builds the trie from the signs it verified. The honest patch's graph rebuilt in that form, and the same
+    with a trie that sends every sign string without a record to record 0 (so record 0's gate would act
+    wherever it opens), re-hashed with a re-derived id: both are refused by the structure check."""
+    x = mlp_bundle.dataset.x_test
+    z = gated_values(base, x)
+    m, params = unchecked_parts(patches["collapse"][0])
+    honest = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form)
+    lookup = build_patch_graph(m.gated, m.logits_name, params, m.base_opset, m.base_ir_version, m.form, lookup=True)
+    evil = copy.deepcopy(lookup)
+    levels = [i.name for i in evil.graph.initializer if i.name.startswith(PREFIX + "g0_trie") and i.name[-1].isdigit()]
+    last = max(levels, key=lambda name: int(name[len(PREFIX + "g0_trie"):]))
+    tensor = next(i for i in evil.graph.initializer if i.name == last)
+    table = numpy_helper.to_array(tensor).copy()
+    table[table == 0] = 1  # no record -> record 0 (+1)
+    tensor.CopyFrom(numpy_helper.from_array(table, last))
+    feeds = {m.logits_name: np.zeros((len(x), m.n_classes), np.float32)}
+    start = z.shape[1] - m.gated_size
+    for g in m.gated:
+        feeds[g.name] = z[:, start : start + g.size].reshape(len(x), *g.shape)
+        start += g.size
+    out_h = make_session(honest.SerializeToString()).run(None, feeds)[0]
+    hit = PREFIX + "g0_hit"  # record + 1 looked up per input, 0: none
+    tapped = [copy.deepcopy(g) for g in (lookup, evil)]
+    for g in tapped:
+        g.graph.output.append(helper.make_tensor_value_info(hit, onnx.TensorProto.INT32, None))
+    (out_l, hit_l), (_, hit_e) = (make_session(g.SerializeToString()).run(None, feeds) for g in tapped)
+    assert out_l.tobytes() == out_h.tobytes()
+    assert (hit_l == 0).mean() > 0.5 and (hit_e > 0).all()  # the forged trie sends every input to a record
+    for name, graph in (("lookup", lookup), ("forged-trie", evil)):
+        path = forge_graph(tmp_path / f"{name}.pepatch", m, graph)
+        assert_refused(base, [path], "structure", "patch graph: expected initializer 'pe_g0_signs_packed', found none")
 
 
 def test_honest_chain_passes_with_probe(base, chain, probe_file, mlp_bundle):

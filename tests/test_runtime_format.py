@@ -1026,12 +1026,21 @@ def test_block_argmax_is_the_first_max_across_blocks(opset):
     """k* is the first maximal selection score of the row, as a TopK would pick it, with 70 records in three
     blocks (the last one padded with copies of record 69): near-boundary inputs make equal scores in
     different blocks common, so the search for a row where the block argmax picks a later record (or a
-    padding column) has many chances."""
+    padding column) has many chances. Where the gate is open (format 8: the best score is |v_A|_1), such a
+    tie is between records with the same pattern: records 45, 66 and 69 repeat 3, 20 and 10 (other gates and
+    tables), in later blocks and in the padding, and inputs on and beside those regions must get the first."""
     rng = np.random.default_rng(17)
     base = random_params(rng, p=70)
-    params = PatchParams(base.signs, np.where(np.arange(70) % 3 == 0, 1.0, 2.0), base.T, base.t, base.scale_log2)
+    signs = base.signs.copy()
+    signs[[45, 66, 69]] = signs[[3, 20, 10]]
+    params = PatchParams(signs, np.where(np.arange(70) % 3 == 0, 1.0, 2.0), base.T, base.t, base.scale_log2)
     z = rng.normal(scale=DELTA, size=(3000, M)).astype(np.float32)
     z[:200] = np.repeat(params.signs[::7], 20, axis=0) * DELTA  # inside some records' regions (gate 1)
+    dup = np.repeat(params.signs[[3, 20, 10]], 40, axis=0) * rng.uniform(0.5, 3.0, size=(120, M)) * DELTA
+    rest = np.setdiff1d(np.arange(M), selection_neurons(params.signs))
+    j = rng.choice(rest, size=60)
+    dup[np.arange(0, 120, 2), j] *= -0.3  # every other one beside the region: one violation outside A
+    z[200:320] = dup
     f = (rng.normal(size=(len(z), C)) * 5).astype(np.float32)
     ref, g, k, pre = reference_patch(z, f, params)
     model = build_patch_graph(GATED, LOGITS, params, opset, IR, "affine")
@@ -1039,13 +1048,16 @@ def test_block_argmax_is_the_first_max_across_blocks(opset):
     sel = reference_selection(z, params)
     top = sel == sel.max(axis=1, keepdims=True)
     blocks_at_max = np.array([len(np.unique(np.flatnonzero(row) // SELECT_BLOCK)) for row in top])
-    # the hard cases occur (ties between distinct patterns fall short of |v_A|_1, so their gate is 0 in
-    # format 8, but k is still the product form's first maximum)
-    assert (blocks_at_max >= 2).sum() > 100
+    assert (blocks_at_max >= 2).sum() > 100 and ((blocks_at_max >= 2) & (g > 0)).sum() > 20  # the hard cases occur
+    assert set(k[200:320]) == {3, 20, 10} and ((g[200:320] > 0) & (g[200:320] < 1)).sum() > 20
     assert (g == 1).sum() >= 200 and ((g > 0) & (g < 1)).any()
     np.testing.assert_array_equal(k_dev, k)
     np.testing.assert_array_equal(gate[:, 0], g)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+    # the device's lookup stores the first record of each pattern: the same gates, the same records where open
+    out_l, gate_l, k_l = session(build_patch_graph(GATED, LOGITS, params, opset, IR, "affine", lookup=True), GATE, K).run(None, feeds(z, f))
+    assert out_l.tobytes() == out.tobytes() and gate_l.tobytes() == gate.tobytes()
+    np.testing.assert_array_equal(k_l[g > 0], k[g > 0])
 
 
 def test_canonical_graph_closed_gates_are_bit_exact(canonical):
